@@ -1,0 +1,55 @@
+# One-command set-up and runs. `make repro` and `make test` both create the environment first.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU machines this project is developed and tested on take this pair from local files;
+# GPU users: `make setup TORCH_PIN=` after installing their own CUDA torch + torchvision.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+
+# Offline by default: no telemetry, local Ray without token auth.
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+export DVC_NO_ANALYTICS ?= 1
+export ITERATIVE_DO_NOT_TRACK ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.2
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
+
+.PHONY: setup repro test test-fast lint format bench clean-env
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	if [ -n "$(TORCH_PIN)" ]; then $(BIN)/pip install --quiet $(TORCH_PIN); fi
+	$(BIN)/pip install --quiet -e ".[pipeline,dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+repro: setup
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+# Everything, slow end-to-end tests included (this is what CI runs).
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -m "slow or not slow" -v --durations=15
+
+test-fast: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python -m benchmarks.decoder_overhead
+	$(BIN)/python -m benchmarks.sweep_cache
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,186 @@
+"""``stable-sam``: segment an image from the command line, or print a model's parameter counts.
+
+Examples::
+
+    stable-sam predict photo.jpg --box 40,60,300,410 --sam-type vit_l \\
+        --sam-checkpoint sam_vit_l_0b3195.pth --plugin models/stable_sam/plugin.pt
+    stable-sam predict photo.jpg --point 120,200 --point 300,40 --label 1 --label 0 ...
+    stable-sam info --sam-type vit_b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .build import SAM_TYPES, SamCheckpointError, build_stable_sam
+from .embedding_cache import EmbeddingCache
+from .predictor import StableSamPredictor
+
+__all__ = ["main", "overlay_mask"]
+
+
+def _floats(text: str, n: int, what: str) -> list[float]:
+    parts = text.split(",")
+    if len(parts) != n:
+        raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be numbers, got {text!r}") from None
+
+
+def overlay_mask(
+    image: np.ndarray,
+    mask: np.ndarray,
+    *,
+    box: Sequence[float] | None = None,
+    points: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    color: tuple[int, int, int] = (30, 144, 255),
+    opacity: float = 0.5,
+) -> Image.Image:
+    """The image with the mask blended in colour, the box in green and the clicks as dots.
+
+    Args:
+      image: H x W x 3 uint8 RGB. mask: H x W bool. box: xyxy. points: N x 2 (x, y). labels: N.
+    """
+    out = image.astype(np.float32).copy()
+    out[mask] = (1 - opacity) * out[mask] + opacity * np.asarray(color, dtype=np.float32)
+    canvas = Image.fromarray(out.round().astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    if box is not None:
+        draw.rectangle([float(v) for v in box], outline=(0, 220, 0), width=2)
+    if points is not None:
+        radius = max(2, round(0.01 * max(image.shape[:2])))
+        for (x, y), label in zip(points, labels if labels is not None else np.ones(len(points))):
+            fill = (0, 220, 0) if label == 1 else (230, 30, 30)
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill, outline=(255, 255, 255))
+    return canvas
+
+
+def _predict(args: argparse.Namespace) -> int:
+    image_path = Path(args.image)
+    try:
+        with Image.open(image_path) as im:
+            image = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: cannot read image {image_path}: {err}") from None
+    if args.box is None and not args.point:
+        raise SystemExit("error: give a prompt: --box x0,y0,x1,y1 and/or --point x,y (repeatable)")
+    labels = args.label if args.label else [1] * len(args.point)
+    if len(labels) != len(args.point):
+        raise SystemExit(
+            f"error: {len(args.point)} --point but {len(labels)} --label; give one label per point"
+        )
+    try:
+        model = build_stable_sam(
+            sam_type=args.sam_type,
+            sam_checkpoint=args.sam_checkpoint,
+            plugin_checkpoint=args.plugin,
+            device=args.device,
+        )
+    except (SamCheckpointError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.sam_checkpoint is None:
+        print(
+            "warning: no --sam-checkpoint: SAM has RANDOM weights, the mask is meaningless", file=sys.stderr
+        )
+    cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
+    predictor = StableSamPredictor(model, cache=cache)
+    predictor.set_image(image)
+    points = np.asarray(args.point, dtype=np.float32) if args.point else None
+    point_labels = np.asarray(labels, dtype=np.int64) if args.point else None
+    box = np.asarray(args.box, dtype=np.float32) if args.box is not None else None
+    try:
+        if args.no_plugin:
+            with model.plugins_disabled():
+                masks, scores, _ = predictor.predict(
+                    points, point_labels, box, multimask_output=args.multimask
+                )
+        else:
+            masks, scores, _ = predictor.predict(points, point_labels, box, multimask_output=args.multimask)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    best = int(np.argmax(scores))
+    mask = masks[best]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mask_path = out_dir / f"{image_path.stem}_mask.png"
+    overlay_path = out_dir / f"{image_path.stem}_overlay.png"
+    Image.fromarray((mask * 255).astype(np.uint8)).save(mask_path)
+    overlay_mask(image, mask, box=box, points=points, labels=point_labels).save(overlay_path)
+    summary = {
+        "mask": str(mask_path),
+        "overlay": str(overlay_path),
+        "predicted_iou": float(scores[best]),
+        "area_pixels": int(mask.sum()),
+        "alpha": None if predictor.routing is None else [round(float(a), 4) for a in predictor.routing[0]],
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    model = build_stable_sam(sam_type=args.sam_type)
+    print(f"SAM type:            {args.sam_type}")
+    print(
+        f"SAM parameters:      {sum(p.numel() for p in model.sam.parameters() if not p.requires_grad):,} (frozen)"
+    )
+    print(f"trainable (plug-in): {model.num_trainable_parameters():,}")
+    for name in model.trainable_parameter_names():
+        print(f"  {name}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stable-sam", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    predict = sub.add_parser("predict", help="segment one image with a box and/or clicks")
+    predict.add_argument("image", help="image file (any format Pillow reads)")
+    predict.add_argument("--box", type=lambda s: _floats(s, 4, "--box"), help="x0,y0,x1,y1 in pixels")
+    predict.add_argument(
+        "--point",
+        type=lambda s: _floats(s, 2, "--point"),
+        action="append",
+        default=[],
+        help="x,y (repeatable)",
+    )
+    predict.add_argument(
+        "--label",
+        type=int,
+        choices=(0, 1),
+        action="append",
+        default=[],
+        help="label per --point (1 fg, 0 bg)",
+    )
+    predict.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
+    predict.add_argument("--sam-checkpoint", help="official SAM checkpoint (sam_vit_*.pth)")
+    predict.add_argument("--plugin", help="Stable-SAM plug-in checkpoint (models/stable_sam/plugin.pt)")
+    predict.add_argument("--no-plugin", action="store_true", help="plain SAM (plug-ins off) for comparison")
+    predict.add_argument("--multimask", action="store_true", help="3 candidate masks, keep the best scored")
+    predict.add_argument(
+        "--out-dir", default=".", help="where to write <stem>_mask.png and <stem>_overlay.png"
+    )
+    predict.add_argument(
+        "--cache-dir", help="persist image embeddings here (repeated images skip the encoder)"
+    )
+    predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    predict.set_defaults(func=_predict)
+    info = sub.add_parser("info", help="print the trainable parameter count of Stable-SAM on a SAM type")
+    info.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
+    info.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Shared test set-up: offline, quiet, deterministic.
+
+The environment variables are set before ray, mlflow or dvc can be imported by any test module.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "ITERATIVE_DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "TQDM_DISABLE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _no_global_rng_dependence():
+    """Poison the global RNGs so a test that silently relies on them is not reproducible by luck."""
+    torch.manual_seed(12345)
+    yield
+
+
+def random_stable_sam(sam_type: str = "tiny", *, seed: int = 0, plugin_config=None, tuning=None):
+    """A Stable-SAM on a SAM with random (non-trivial) weights, and an untouched copy of that SAM.
+
+    Returns (stable_sam, vanilla_sam): the vanilla copy is what segment-anything alone would run.
+    """
+    import copy
+
+    from stable_sam.build import build_sam
+    from stable_sam.config import PluginConfig
+    from stable_sam.modeling import StableSam
+
+    # Module initialisers draw from the global RNG: pin it so equal seeds give equal weights.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        sam, _ = build_sam(sam_type)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sam.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    vanilla = copy.deepcopy(sam)
+    model = StableSam(
+        sam=sam, sam_type=sam_type, plugin_config=plugin_config or PluginConfig(), tuning=tuning
+    )
+    return model, vanilla
+
+
+def perturb_plugins(model, *, seed: int = 1, scale: float = 0.5) -> None:
+    """Move every trainable parameter away from its identity initialisation."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+@pytest.fixture
+def tiny_model():
+    return random_stable_sam("tiny")

@@ -1,0 +1,116 @@
+"""The ``stable-sam`` command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_stable_sam
+from PIL import Image
+
+from stable_sam import save_plugin_checkpoint
+from stable_sam.cli import main
+
+
+@pytest.fixture
+def files(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (48, 60, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "cat.jpg")
+    model, vanilla = random_stable_sam("tiny")
+    torch.save(vanilla.state_dict(), tmp_path / "sam_tiny.pth")
+    from stable_sam import build_stable_sam
+
+    plugged = build_stable_sam(sam_type="tiny", sam_checkpoint=tmp_path / "sam_tiny.pth")
+    save_plugin_checkpoint(plugged, tmp_path / "plugin.pt")
+    del model
+    return tmp_path
+
+
+def test_predict_with_box_writes_mask_and_overlay(files, capsys):
+    code = main(
+        [
+            "predict", str(files / "cat.jpg"), "--box", "5,4,40,30", "--sam-type", "tiny",
+            "--sam-checkpoint", str(files / "sam_tiny.pth"), "--plugin", str(files / "plugin.pt"),
+            "--out-dir", str(files / "out"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    mask = np.asarray(Image.open(files / "out" / "cat_mask.png"))
+    overlay = Image.open(files / "out" / "cat_overlay.png")
+    assert mask.shape == (48, 60) and set(np.unique(mask)) <= {0, 255}
+    assert overlay.size == (60, 48)
+    assert summary["area_pixels"] == int((mask > 0).sum())
+    assert summary["alpha"] == [0.5, 0.5]  # untrained DRP
+
+
+def test_predict_with_labelled_points(files, capsys):
+    args = [
+        "predict",
+        str(files / "cat.jpg"),
+        "--point",
+        "20,15",
+        "--point",
+        "50,40",
+        "--label",
+        "1",
+        "--label",
+        "0",
+    ]
+    args += [
+        "--sam-type",
+        "tiny",
+        "--sam-checkpoint",
+        str(files / "sam_tiny.pth"),
+        "--out-dir",
+        str(files / "o"),
+    ]
+    assert main(args) == 0
+    assert (files / "o" / "cat_overlay.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--box", "5,4,400,30"], "outside"),
+        (["--point", "5,4", "--point", "6,6", "--label", "1"], "one label per point"),
+        ([], "give a prompt"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(files, extra, message):
+    args = [
+        "predict",
+        str(files / "cat.jpg"),
+        "--sam-type",
+        "tiny",
+        "--sam-checkpoint",
+        str(files / "sam_tiny.pth"),
+    ]
+    with pytest.raises(SystemExit, match=message):
+        main(args + extra + ["--out-dir", str(files / "o")])
+
+
+def test_unreadable_image_and_wrong_checkpoint_are_clear_errors(files):
+    (files / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="cannot read image"):
+        main(["predict", str(files / "broken.jpg"), "--box", "1,1,5,5", "--sam-type", "tiny"])
+    with pytest.raises(SystemExit, match="is a tiny SAM checkpoint"):
+        main(
+            [
+                "predict",
+                str(files / "cat.jpg"),
+                "--box",
+                "1,1,5,5",
+                "--sam-type",
+                "small",
+                "--sam-checkpoint",
+                str(files / "sam_tiny.pth"),
+            ]
+        )
+
+
+def test_info_prints_the_parameter_count(capsys):
+    assert main(["info", "--sam-type", "tiny"]) == 0
+    assert "trainable (plug-in): 3,204" in capsys.readouterr().out
