@@ -8,7 +8,7 @@ offline default ("small", trained by the pipeline's ``train_base`` stage):
 type     input   patch  encoder (dim/depth/h)  grid     decoder (dim/heads)   parameters
 =======  ======  =====  =====================  =======  ====================  ==============
 tiny     64      8      32 / 2 / 2             8 x 8    32 / 2, MLP 64        ~0.1 M
-small    128     8      128 / 4 / 4            16 x 16  64 / 4, MLP 256       ~1.5 M
+small    128     8      64 / 2 / 2             16 x 16  64 / 4, MLP 256       ~0.37 M
 vit_b    1024    16     768 / 12 / 12          64 x 64  256 / 8, MLP 2048     93.7 M
 =======  ======  =====  =====================  =======  ====================  ==============
 """
@@ -120,11 +120,11 @@ SMALL_SAM_SPECS: dict[str, SmallSamSpec] = {
     "small": SmallSamSpec(
         img_size=128,
         patch_size=8,
-        encoder_dim=128,
-        encoder_depth=4,
-        encoder_heads=4,
+        encoder_dim=64,
+        encoder_depth=2,
+        encoder_heads=2,
         window_size=8,
-        global_attn_indexes=(1, 3),
+        global_attn_indexes=(1,),
         prompt_dim=64,
         decoder_heads=4,
         decoder_mlp_dim=256,

@@ -113,11 +113,9 @@ class FetchConfig:
     timeout_s: float = 60.0
     retries: int = 3
     # Manifest items whose sha256 is not published (``"sha256": null``) are refused unless
-    # listed here; the hash of the first download is then recorded in data/raw/manifest.json.
+    # listed here; the first download's hash is then pinned (<downloads>/<file>.sha256, and
+    # data/raw/manifest.json) and every later run verifies against it.
     trust_unverified: list[str] = field(default_factory=list)
-    # Where downloads (and resumable ``.part`` files) go; None: <out>/downloads. A folder
-    # outside the DVC output keeps partial downloads across `dvc repro` attempts.
-    download_dir: str | None = None
     keep_archives: bool = False  # keep the zips after a verified extraction
     # How the fetched datasets are checked: "full" decodes every pair once (bad files are
     # recorded in the raw-data manifest and skipped by later stages), "header" reads headers.
@@ -187,16 +185,20 @@ class PromptMixConfig:
 class BaseTrainConfig:
     """Training the small base SAM of the embedded default (precise prompts only, like SAM)."""
 
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 30
-    # Precise prompts only: tight GT boxes and several clicks, plus correction clicks.
+    warmup_steps: int = 50
+    # Precise prompts only: a tight GT box or several clicks, then SAM-style correction clicks.
     point_counts: list[int] = field(default_factory=lambda: [3, 5, 10])
     box_probability: float = 0.5
     correction_clicks: int = 1
-    num_points_loss: int = 2048
+    iou_loss_weight: float = 1.0
+    lsj_min_scale: float = 0.5
+    lsj_max_scale: float = 1.5
+    checkpoint_every: int = 100
+    log_every: int = 25
     seed: int = 0
 
 
@@ -217,6 +219,7 @@ class TrainConfig:
     importance_sample_ratio: float = 0.75
     checkpoint_every: int = 50
     log_every: int = 10
+    loader_workers: int = 0  # DataLoader processes per Ray worker
     seed: int = 0
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "dense_mask_loss",
     "dice_loss",
     "mask_loss",
     "point_sample",
@@ -172,6 +173,48 @@ def mask_loss(
     Returns:
       (dict[str, torch.Tensor]): scalars "bce", "dice" and "total" = bce + dice.
     """
+    targets = _checked_targets(logits, targets)
+    num_masks = logits.shape[0] if num_masks is None else num_masks
+
+    coords = uncertain_point_coords(
+        logits.detach(),
+        num_points=num_points,
+        oversample_ratio=oversample_ratio,
+        importance_sample_ratio=importance_sample_ratio,
+        generator=generator,
+    )
+    with torch.no_grad():
+        point_targets = point_sample(targets.detach().to(logits.dtype), coords)[:, 0]
+    point_logits = point_sample(logits, coords)[:, 0]
+    bce = sigmoid_bce_loss(point_logits, point_targets, num_masks)
+    dice = dice_loss(point_logits, point_targets, num_masks)
+    return {"bce": bce, "dice": dice, "total": bce + dice}
+
+
+def dense_mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """BCE + dice (1:1) on every pixel: the logits are upsampled to the targets' size.
+
+    Used to train SAM itself from scratch (the base model of the offline default), where all
+    pixels carry signal; HQ-SAM's point-sampled :func:`mask_loss` is the fine-tuning loss.
+
+    Arguments:
+      logits (torch.Tensor): B x 1 x h x w mask logits.
+      targets (torch.Tensor): B x 1 x H x W float in [0, 1] or bool.
+
+    Returns:
+      (dict[str, torch.Tensor]): "bce" (mean over pixels, then masks), "dice" (per mask, mean over
+      masks) and "total" = bce + dice.
+    """
+    targets = _checked_targets(logits, targets)
+    upsampled = F.interpolate(logits, targets.shape[-2:], mode="bilinear", align_corners=False)
+    bce = F.binary_cross_entropy_with_logits(upsampled, targets)
+    probs, flat = upsampled.sigmoid().flatten(1), targets.flatten(1)
+    dice = (1 - (2 * (probs * flat).sum(1) + 1) / (probs.sum(1) + flat.sum(1) + 1)).mean()
+    return {"bce": bce, "dice": dice, "total": bce + dice}
+
+
+def _checked_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Validate shapes and value ranges; returns the targets as floats like the logits."""
     if logits.dim() != 4 or logits.shape[1] != 1 or logits.shape[0] == 0:
         raise ValueError(f"logits must be B x 1 x h x w with B >= 1, got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -190,18 +233,4 @@ def mask_loss(
             f"targets must lie in [0, 1], got [{targets.min().item()}, {targets.max().item()}] "
             "(HQ-SAM labels are divided by 255)"
         )
-    num_masks = logits.shape[0] if num_masks is None else num_masks
-
-    coords = uncertain_point_coords(
-        logits.detach(),
-        num_points=num_points,
-        oversample_ratio=oversample_ratio,
-        importance_sample_ratio=importance_sample_ratio,
-        generator=generator,
-    )
-    with torch.no_grad():
-        point_targets = point_sample(targets.detach().to(logits.dtype), coords)[:, 0]
-    point_logits = point_sample(logits, coords)[:, 0]
-    bce = sigmoid_bce_loss(point_logits, point_targets, num_masks)
-    dice = dice_loss(point_logits, point_targets, num_masks)
-    return {"bce": bce, "dice": dice, "total": bce + dice}
+    return targets

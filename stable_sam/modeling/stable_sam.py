@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.transformer import Attention
@@ -18,7 +19,7 @@ from .dynamic_routing import DynamicRoutingPlugin, FixedRouting
 from .encoder_tuning import attach_adapters, attach_lora
 from .plugged_attention import OutputTokenReader, PluggedTokenToImageAttention
 
-__all__ = ["DecoderOutput", "PromptTensors", "StableSam", "plugin_sites"]
+__all__ = ["DecoderOutput", "PromptTensors", "StableSam", "group_by_structure", "plugin_sites"]
 
 _VARIANTS = ("dsp", "spatial_attention", "none")
 _ROUTINGS = ("drp", "fixed")
@@ -68,6 +69,28 @@ class PromptTensors:
         if len(sizes) > 1:
             raise ValueError(f"prompt fields disagree on the number of prompts: {sorted(sizes)}")
 
+    @classmethod
+    def stack(cls, prompts: Sequence, device: torch.device | str = "cpu") -> PromptTensors:
+        """P prompts of one structure (see :func:`group_by_structure`) as one P-prompt batch.
+
+        ``prompts``: objects with numpy ``point_coords`` (N x 2), ``point_labels`` (N), ``box``
+        (4) and ``mask_input`` (h x w) attributes or None (:class:`stable_sam.prompts.Prompt`).
+        """
+
+        def stacked(attr: str, dtype: torch.dtype) -> Tensor | None:
+            values = [getattr(p, attr) for p in prompts]
+            if values[0] is None:
+                return None
+            return torch.as_tensor(np.stack(values), dtype=dtype, device=device)
+
+        masks = stacked("mask_input", torch.float32)
+        return cls(
+            point_coords=stacked("point_coords", torch.float32),
+            point_labels=stacked("point_labels", torch.int64),
+            boxes=stacked("box", torch.float32),
+            mask_inputs=None if masks is None else masks[:, None],
+        )
+
     @property
     def num_prompts(self) -> int:
         for field_value in (self.point_coords, self.boxes, self.mask_inputs):
@@ -80,6 +103,19 @@ class PromptTensors:
 
     def _fields(self) -> tuple[Tensor | None, ...]:
         return (self.point_coords, self.point_labels, self.boxes, self.mask_inputs)
+
+
+def group_by_structure(prompts: Sequence) -> list[list[int]]:
+    """Indices of prompts that can share one decoder call (same point count, box and mask presence)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prompts):
+        key = (
+            None if p.point_coords is None else len(p.point_coords),
+            p.box is None,
+            p.mask_input is None,
+        )
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
 
 @dataclass

@@ -1,0 +1,468 @@
+"""Stage ``fetch``: put the raw data in place and describe it in ``<out>/manifest.json``.
+
+``python -m pipeline.fetch --out data/raw [--params params.yaml] [--set fetch.source=remote]``
+
+``fetch.source`` decides where the data comes from:
+
+- ``embedded`` (the offline default): generate the embedded dataset into
+  ``<out>/embedded/{train,val}`` (sizes and seed from the ``embedded`` section).
+- ``remote``: download the items of ``fetch.items`` (names or groups of
+  ``pipeline/manifest.json``) into the downloads folder (``--downloads``, default
+  ``<out>/downloads``), resuming partial files, verifying size and sha256, and extract
+  archives safely into ``<out>/<extract_to>``. Checkpoints stay in the downloads folder (the
+  manifest records their path and verified sha256). A file already at its download path is
+  verified, not downloaded. An unreachable URL fails the stage with what could not be reached
+  and the exact paths to place the files at by hand.
+
+  ``dvc repro`` deletes a stage's outputs before running it, so a downloads folder *outside*
+  the output (``--downloads data/downloads``, git-ignored, not a DVC output) keeps partial
+  downloads, hand-placed files and the multi-GB checkpoints across reruns, out of the DVC cache.
+- ``local``: nothing is downloaded. ``fetch.local_root`` is laid out like the raw folder:
+  checkpoints as ``<local_root>/<filename>`` (sha256-verified), datasets as the extracted
+  folders ``<local_root>/<extract_to>`` (e.g. ``hqseg44k/DIS5K/DIS-TR/im``; their layout is
+  checked). The manifest points at these files where they are.
+
+``embedded`` may also be listed in ``fetch.items`` to generate it next to remote/local data.
+Fetched datasets are validated once (``fetch.validate``); bad files are recorded in the
+manifest with their reasons, and later stages skip them without decoding them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from pipeline.params import load_params, stage_argument_parser
+from pipeline.raw_data import (
+    FileItem,
+    FileManifest,
+    RawDataError,
+    load_file_manifest,
+    placement_hint,
+    portable_path,
+    write_raw_manifest,
+)
+from stable_sam import data as data_lib
+from stable_sam.config import Params
+from stable_sam.download import DownloadError, download_file, safe_extract, sha256_file
+from stable_sam.embedded_dataset import generate_split
+
+__all__ = ["FetchError", "FetchPaths", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = ("embedded", "remote", "local")
+_MARKER = ".fetch-complete.json"
+
+
+class FetchError(RuntimeError):
+    """Files that could not be fetched or verified; the message says how to place them by hand."""
+
+
+@dataclass(frozen=True)
+class FetchPaths:
+    """Paths of the fetch stage (from dvc.yaml).
+
+    Attributes:
+      out: the raw-data folder (the DVC output); gets ``manifest.json``.
+      downloads: where downloads and resumable ``.part`` files go; None: ``<out>/downloads``.
+    """
+
+    out: Path
+    downloads: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedded
+
+
+def _fetch_embedded(params: Params, out: Path, record: dict[str, Any]) -> dict[str, float]:
+    cfg = params.embedded
+    root = out / "embedded"
+    metrics: dict[str, float] = {}
+    splits = {}
+    for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
+        summary = generate_split(
+            root / split,
+            num_images=count,
+            image_size=cfg.image_size,
+            min_objects=cfg.min_objects,
+            max_objects=cfg.max_objects,
+            generator_seed=cfg.seed,
+            split=split,
+        )
+        folder = data_lib.open_dataset("embedded", split=split, root=root, validate=_validate_mode(params))
+        # No wall-clock values in the manifest: data/raw must be byte-identical across reruns so
+        # that DVC skips every downstream stage when nothing really changed.
+        described = {k: v for k, v in summary.to_dict().items() if k != "seconds"}
+        splits[split] = {**described, "valid_pairs": len(folder), "out_dir": portable_path(root / split, out)}
+        record["skipped"].setdefault("embedded", []).extend(
+            {"path": portable_path(Path(s.path), out), "reason": s.reason} for s in folder.skipped
+        )
+        metrics[f"embedded_{split}_images"] = len(folder)
+        metrics[f"embedded_{split}_instances"] = summary.num_instances
+        metrics[f"embedded_{split}_seconds"] = round(summary.seconds, 3)
+        metrics[f"embedded_{split}_mb"] = round(summary.bytes / 1e6, 3)
+    record["datasets"]["embedded"] = {"root": "embedded", "items": ["embedded"], "splits": splits}
+    record["seeds"]["embedded"] = cfg.seed
+    return metrics
+
+
+def _validate_mode(params: Params) -> str:
+    mode = params.fetch.validate
+    if mode not in ("full", "header"):
+        raise FetchError(f"fetch.validate must be 'full' or 'header', got {mode!r}")
+    return mode
+
+
+# ------------------------------------------------------------------------------------------------
+# Remote and local items
+
+
+def _check_trust(item: FileItem, params: Params) -> None:
+    if item.sha256 is None and item.name not in params.fetch.trust_unverified:
+        raise FetchError(
+            f"{item.name}: pipeline/manifest.json has no published sha256 for {item.filename}, so its "
+            f"content cannot be verified. To accept the first download's hash (it is then recorded in "
+            f"the raw-data manifest), add it explicitly: --set 'fetch.trust_unverified=[{item.name}]'"
+        )
+
+
+def _missing_expected(folder: Path, item: FileItem) -> list[str]:
+    return [str(folder / e) for e in item.expect if not (folder / e).exists()]
+
+
+def _fetch_remote_item(
+    item: FileItem,
+    params: Params,
+    out: Path,
+    download_dir: Path,
+    session: requests.Session,
+    record: dict[str, Any],
+) -> None:
+    cfg = params.fetch
+    _check_trust(item, params)
+    if item.kind == "archive":
+        target = out / item.extract_to
+        marker = target / _MARKER
+        if marker.is_file() and not _missing_expected(target, item):
+            done = json.loads(marker.read_text())
+            if item.sha256 is None or done.get("sha256") == item.sha256:
+                logger.info("%s: already extracted in %s", item.name, target)
+                record["items"][item.name] = done
+                return
+    # Trust on first download: the first hash of an unpublished file is pinned next to it, and
+    # every later run verifies against the pin.
+    pin = download_dir / f"{item.filename}.sha256"
+    expected = item.sha256 or (pin.read_text().strip() if pin.is_file() else None)
+    result = download_file(
+        item.url,
+        download_dir / item.filename,
+        expected_sha256=expected,
+        expected_size=item.bytes,
+        timeout=cfg.timeout_s,
+        retries=cfg.retries,
+        session=session,
+    )
+    if item.sha256 is None and not pin.is_file():
+        pin.write_text(result.sha256 + "\n")
+        logger.warning(
+            "%s: no published sha256; pinned the first download's %s in %s", item.name, result.sha256, pin
+        )
+    if not result.already_present:
+        record["downloaded_bytes"] += result.bytes
+    entry = {
+        "sha256": result.sha256,
+        "bytes": result.bytes,
+        "verified": "manifest" if item.sha256 else "trusted_first_download",
+        "url": item.url,
+    }
+    if item.kind == "checkpoint":
+        record["checkpoints"][item.sam_type] = {
+            "path": portable_path(result.path, out),
+            "sha256": result.sha256,
+            "bytes": result.bytes,
+            "item": item.name,
+            "verified": entry["verified"],
+        }
+    else:
+        target = out / item.extract_to
+        safe_extract(result.path, target)
+        missing = _missing_expected(target, item)
+        if missing:
+            raise FetchError(
+                f"{item.name}: {item.filename} was extracted to {target} but the expected layout is "
+                f"missing: {missing}. The archive's layout differs from pipeline/manifest.json; fix "
+                "'extract_to'/'expect' there or place the folders by hand with fetch.source=local."
+            )
+        (target / _MARKER).write_text(json.dumps(entry, sort_keys=True))
+        if not cfg.keep_archives:  # the marker makes a rerun skip it; the zip is dead weight
+            result.path.unlink()
+    record["items"][item.name] = entry
+
+
+def _fetch_local_item(item: FileItem, params: Params, local_root: Path, record: dict[str, Any]) -> None:
+    if item.kind == "checkpoint":
+        path = local_root / item.filename
+        if not path.is_file():
+            raise FetchError(f"{item.name}: expected the checkpoint at {path}")
+        _check_trust(item, params)
+        digest, size = sha256_file(path), path.stat().st_size
+        if item.sha256 is not None and digest != item.sha256:
+            raise FetchError(f"{item.name}: {path} has sha256 {digest}, expected {item.sha256}")
+        if item.bytes is not None and size != item.bytes:
+            raise FetchError(f"{item.name}: {path} has {size} bytes, expected {item.bytes}")
+        verified = "manifest" if item.sha256 else "trusted_first_download"
+        record["checkpoints"][item.sam_type] = {
+            "path": str(path.resolve()),
+            "sha256": digest,
+            "bytes": size,
+            "item": item.name,
+            "verified": verified,
+        }
+        record["items"][item.name] = {
+            "path": str(path.resolve()),
+            "sha256": digest,
+            "bytes": size,
+            "verified": verified,
+        }
+    else:
+        folder = local_root / item.extract_to
+        if not folder.is_dir():
+            raise FetchError(f"{item.name}: expected the extracted folder at {folder}")
+        missing = _missing_expected(folder, item)
+        if missing:
+            raise FetchError(f"{item.name}: {folder} lacks the expected paths {missing}")
+        record["items"][item.name] = {"path": str(folder.resolve())}
+
+
+def _describe_datasets(
+    manifest: FileManifest,
+    items: Sequence[FileItem],
+    base: Path,
+    out: Path,
+    params: Params,
+    record: dict[str, Any],
+) -> dict[str, float]:
+    """Record each fetched dataset family's root, and validate its named sets."""
+    metrics: dict[str, float] = {}
+    families = sorted({i.dataset for i in items if i.kind == "archive"})
+    for family in families:
+        root = base / manifest.dataset_roots.get(family, family)
+        entry: dict[str, Any] = {
+            "root": portable_path(root, out) if base == out else str(root.resolve()),
+            "items": [i.name for i in items if i.dataset == family],
+        }
+        if family == "coco_val2017":
+            images_dir, annotations = data_lib.coco_paths(root)
+            if annotations.is_file() and images_dir.is_dir():
+                coco = data_lib.CocoInstances(images_dir, annotations)
+                entry["sets"] = {"coco_val2017": {"images": len(coco), "annotations": len(coco.coco.anns)}}
+                metrics["coco_val2017_images"] = len(coco)
+        else:
+            entry["sets"] = {}
+            for name, spec in data_lib.DATASETS.items():
+                if spec.family != family or len(next(iter(spec.splits.values()), ())) != 1:
+                    continue  # only single-folder sets: the mix is the sum of its components
+                split = next(iter(spec.splits))
+                if not all((root / f.im_dir).is_dir() for f in spec.splits[split]):
+                    continue
+                try:
+                    folder = data_lib.open_dataset(
+                        name, split=split, root=root, validate=_validate_mode(params)
+                    )
+                except data_lib.DatasetError as err:
+                    logger.warning("%s: %s", name, err)
+                    entry["sets"][name] = {"error": str(err)}
+                    continue
+                entry["sets"][name] = {
+                    "split": split,
+                    "valid_pairs": len(folder),
+                    "skipped": len(folder.skipped),
+                }
+                record["skipped"].setdefault(family, []).extend(
+                    {"path": portable_path(Path(s.path), out), "reason": s.reason} for s in folder.skipped
+                )
+                metrics[f"{name}_pairs"] = len(folder)
+        record["datasets"][family] = entry
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage
+
+
+def run(
+    params: Params,
+    paths: FetchPaths,
+    *,
+    file_manifest: FileManifest | None = None,
+    session: requests.Session | None = None,
+) -> dict[str, float]:
+    """Fetch what ``params.fetch`` asks for into ``paths.out`` and write its manifest.
+
+    Args:
+      params: the full params (sections ``fetch`` and ``embedded``).
+      paths: the output folder.
+      file_manifest: the file manifest (default ``pipeline/manifest.json``; tests pass their
+        own, pointing at a local server).
+      session: an HTTP session to reuse.
+
+    Returns:
+      Flat numeric metrics (counts, seconds, MB).
+
+    Raises:
+      FetchError: something could not be fetched or verified (all failures are listed, each
+        with how to place the file by hand).
+    """
+    start = time.perf_counter()
+    cfg = params.fetch
+    if cfg.source not in _SOURCES:
+        raise FetchError(f"fetch.source must be one of {_SOURCES}, got {cfg.source!r}")
+    out = Path(paths.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "source": cfg.source,
+        "datasets": {},
+        "checkpoints": {},
+        "items": {},
+        "skipped": {},
+        "seeds": {},
+        "downloaded_bytes": 0,  # for the metrics; removed before writing
+        "params": {"fetch": dataclasses.asdict(cfg), "embedded": dataclasses.asdict(params.embedded)},
+    }
+    names = list(cfg.items)
+    want_embedded = cfg.source == "embedded" or "embedded" in names
+    names = [n for n in names if n != "embedded"]
+    if cfg.source == "embedded" and names:
+        logger.warning(
+            "fetch.source=embedded: ignoring fetch.items %s (set fetch.source=remote or local)", names
+        )
+        names = []
+    manifest = file_manifest or load_file_manifest()
+    try:
+        items = manifest.expand(names)
+    except RawDataError as err:
+        raise FetchError(str(err)) from err
+
+    metrics: dict[str, float] = {}
+    if want_embedded:
+        metrics.update(_fetch_embedded(params, out, record))
+
+    download_dir = Path(paths.downloads) if paths.downloads is not None else out / "downloads"
+    record["downloads"] = portable_path(download_dir, out)
+    failures: list[tuple[FileItem, str]] = []
+    if items and cfg.source == "remote":
+        own = session is None
+        session = session or requests.Session()
+        try:
+            for item in items:
+                try:
+                    _fetch_remote_item(item, params, out, download_dir, session, record)
+                except (DownloadError, FetchError, OSError, ValueError) as err:
+                    logger.error("%s: %s", item.name, err)
+                    failures.append((item, str(err)))
+        finally:
+            if own:
+                session.close()
+        if failures:
+            raise FetchError(_remote_failure_message(failures, download_dir, out))
+        metrics.update(_describe_datasets(manifest, items, out, out, params, record))
+    elif items and cfg.source == "local":
+        if not cfg.local_root:
+            raise FetchError("fetch.source=local needs fetch.local_root (the folder that holds your files)")
+        local_root = Path(cfg.local_root).expanduser()
+        if not local_root.is_dir():
+            raise FetchError(f"fetch.local_root {local_root} is not a folder")
+        for item in items:
+            try:
+                _fetch_local_item(item, params, local_root, record)
+            except (FetchError, OSError) as err:
+                failures.append((item, str(err)))
+        if failures:
+            lines = [f"  - {msg}" for _, msg in failures]
+            hints = [
+                placement_hint(i, download_dir=download_dir, raw_dir=out, local_root=str(local_root))
+                for i, _ in failures
+            ]
+            raise FetchError(
+                "fetch.source=local: some files are missing or do not verify:\n"
+                + "\n".join(lines)
+                + "\nExpected places:\n"
+                + "\n".join(hints)
+            )
+        metrics.update(_describe_datasets(manifest, items, local_root, out, params, record))
+    elif not want_embedded:
+        raise FetchError(
+            f"fetch.source={cfg.source} with no fetch.items: nothing to fetch. Name items or groups "
+            f"({sorted(manifest.groups)}) or use fetch.source=embedded"
+        )
+
+    downloaded = record.pop("downloaded_bytes")
+    record["counts"] = {
+        "checkpoints": len(record["checkpoints"]),
+        "datasets": len(record["datasets"]),
+        "skipped_files": sum(len(v) for v in record["skipped"].values()),
+    }
+    write_raw_manifest(out, record)
+    metrics.update(
+        {
+            "fetch_seconds": round(time.perf_counter() - start, 3),
+            "skipped_files": record["counts"]["skipped_files"],
+            "checkpoints": record["counts"]["checkpoints"],
+            "downloaded_mb": round(downloaded / 1e6, 3),
+        }
+    )
+    return metrics
+
+
+def _remote_failure_message(failures: list[tuple[FileItem, str]], download_dir: Path, out: Path) -> str:
+    lines = ["could not fetch every requested file:"]
+    for item, message in failures:
+        lines.append(f"  - {item.name}: {message}")
+    lines.append("To continue without network, place the files by hand:")
+    lines.extend(placement_hint(item, download_dir=download_dir, raw_dir=out) for item, _ in failures)
+    lines.append(
+        "or use data you already have with fetch.source=local and fetch.local_root=DIR, "
+        "or the offline dataset with fetch.source=embedded."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = stage_argument_parser("Fetch or generate the raw data (stage 'fetch').")
+    parser.add_argument("--out", type=Path, required=True, help="raw-data folder, e.g. data/raw")
+    parser.add_argument(
+        "--downloads",
+        type=Path,
+        default=None,
+        help="downloads folder (default: <out>/downloads), e.g. data/downloads",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params, args.overrides)
+    from pipeline.tracking import stage_run  # MLflow only when the stage really runs
+
+    with stage_run("fetch", params, params_path=Path(args.params)) as tracker:
+        try:
+            metrics = run(params, FetchPaths(out=args.out, downloads=args.downloads))
+        except FetchError as err:
+            logger.error("%s", err)
+            raise SystemExit(1) from err
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(args.out / "manifest.json")
+        if (args.out / "embedded").is_dir():
+            tracker.log_dataset(args.out / "embedded" / "train", name="embedded-train", context="training")
+            tracker.log_dataset(args.out / "embedded" / "val", name="embedded-val", context="evaluation")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Which SAM checkpoint the pipeline runs on: the pointer written by the ``train_base`` stage.
+
+``models/base/sam.json`` names the SAM type, the checkpoint file and its sha256, whether it is an
+official checkpoint (fetched or given by the user) or the small base model the embedded default
+trains. Every later stage resolves its SAM through it, so DVC sees one dependency
+(``models/base``) whatever the source, and a changed checkpoint changes that dependency's hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["SamSource", "read_sam_source", "write_json_atomic", "write_sam_source"]
+
+POINTER_NAME = "sam.json"
+
+
+@dataclass(frozen=True)
+class SamSource:
+    """A SAM checkpoint the pipeline uses.
+
+    Attributes:
+      sam_type: "vit_b", "vit_l", "vit_h", "small" or "tiny".
+      checkpoint: absolute path of the state-dict file.
+      sha256: its sha256 (verified when the pointer was written).
+      origin: "trained" (base stage), "official" (fetched/verified) or "user" (sam.checkpoint).
+    """
+
+    sam_type: str
+    checkpoint: str
+    sha256: str
+    origin: str
+
+
+def write_json_atomic(path: str | Path, content: dict) -> None:
+    """JSON to a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_sam_source(base_dir: str | Path, source: SamSource) -> Path:
+    """Write the pointer; a checkpoint inside ``base_dir`` is stored relative to it (portable)."""
+    base_dir = Path(base_dir)
+    content = asdict(source)
+    checkpoint = Path(source.checkpoint).resolve()
+    if checkpoint.is_relative_to(base_dir.resolve()):
+        content["checkpoint"] = str(checkpoint.relative_to(base_dir.resolve()))
+    write_json_atomic(base_dir / POINTER_NAME, content)
+    return base_dir / POINTER_NAME
+
+
+def read_sam_source(base_dir: str | Path) -> SamSource:
+    """Read ``<base_dir>/sam.json``; errors say which stage produces it."""
+    pointer = Path(base_dir) / POINTER_NAME
+    if not pointer.is_file():
+        raise FileNotFoundError(f"{pointer} not found: run the train_base stage first (dvc repro train_base)")
+    content = json.loads(pointer.read_text())
+    checkpoint = Path(content["checkpoint"])
+    if not checkpoint.is_absolute():
+        checkpoint = Path(base_dir).resolve() / checkpoint
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{pointer} names the SAM checkpoint {checkpoint}, which does not exist")
+    return SamSource(
+        sam_type=content["sam_type"],
+        checkpoint=str(checkpoint),
+        sha256=content["sha256"],
+        origin=content["origin"],
+    )

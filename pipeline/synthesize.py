@@ -1,0 +1,419 @@
+"""Stage ``synthesize``: the occlusion-augmented training set (Stable-SAM's robust training).
+
+``python -m pipeline.synthesize --raw data/raw --out data/occluded [--params params.yaml]``
+
+For each training image of ``data.train`` (resolved through the raw-data manifest) and each of
+``occlusion.copies`` variants, with probability ``occlusion.probability`` an object of another
+random training image is pasted over the image's target object
+(:func:`stable_sam.occlusion.synthesize_occlusion`); otherwise the image is kept as it is
+(hard-linked, not copied). The output is a dataset folder in the HQSeg layout::
+
+    <out>/im/NAME.jpg  <out>/gt/NAME.png  [<out>/instances/NAME.png]
+    <out>/manifest.json   for every output: its source image, the occluder (image and object),
+                          the placement, the visible fraction and the dropped objects; totals,
+                          skipped files with reasons, the seed, the config and a dataset_id
+    <out>/examples.png    a few before/after examples
+
+Every output draws from its own generator seeded by ``(occlusion.seed, image index, copy)``, so
+the folder is byte-identical for a seed. It is built in a temporary sibling folder and renamed
+into place when complete. Occluded images are re-encoded as JPEG (quality 95).
+
+The target object of an image is its GT mask; with instance maps (the embedded dataset) the
+other objects are updated too (partially occluded: visible part; fully occluded: dropped) and
+the occluder becomes the topmost instance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline.params import load_params, stage_argument_parser
+from pipeline.raw_data import RAW_MANIFEST_NAME, portable_path, read_raw_manifest
+from stable_sam import data as data_lib
+from stable_sam.config import Params
+from stable_sam.occlusion import OcclusionResult, synthesize_occlusion
+
+__all__ = ["SynthesizePaths", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+JPEG_QUALITY = 95
+_MIN_OCCLUDER_PIXELS = 16  # an occluder object smaller than this is not worth pasting
+
+
+@dataclass(frozen=True)
+class SynthesizePaths:
+    """Paths of the synthesize stage (from dvc.yaml)."""
+
+    raw: Path
+    out: Path
+
+
+@dataclass(frozen=True)
+class _Source:
+    dataset: str
+    pair: data_lib.ImagePair
+    out_name: str
+
+
+def _output_name(dataset: str, pair_name: str, multi: bool) -> str:
+    name = pair_name.replace("/", "__")
+    if multi:
+        name = f"{dataset.strip('/').replace('/', '_')}__{name}"
+    return name
+
+
+def _objects(sample: data_lib.Sample) -> tuple[list[np.ndarray], list[int], int]:
+    """The image's objects, their instance ids (0: the GT itself) and the index of the target."""
+    if sample.instances is None:
+        return [sample.mask], [0], 0
+    ids = [int(k) for k in np.unique(sample.instances) if k > 0]
+    masks = [sample.instances == k for k in ids]
+    if not masks:
+        return [sample.mask], [0], 0
+    # The target is the instance that matches the GT (identical in the embedded data).
+    ious = [(m & sample.mask).sum() / max(1, (m | sample.mask).sum()) for m in masks]
+    best = int(np.argmax(ious))
+    if ious[best] < 0.99:  # the GT is not one of the instances: its own object, on top
+        return [*[m & ~sample.mask for m in masks], sample.mask], [*ids, 0], len(masks)
+    return masks, ids, best
+
+
+def _occluder_object(sample: data_lib.Sample, generator: np.random.Generator) -> tuple[np.ndarray, int]:
+    """One object of the occluder image (random instance, or the GT) and its id (0 for the GT)."""
+    if sample.instances is not None:
+        ids = [int(k) for k in np.unique(sample.instances) if k > 0]
+        ids = [k for k in ids if (sample.instances == k).sum() >= _MIN_OCCLUDER_PIXELS]
+        if ids:
+            k = ids[int(generator.integers(len(ids)))]
+            return sample.instances == k, k
+    return sample.mask, 0
+
+
+def _atomic_bytes(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link (same file system) or copy ``src`` to ``dst``."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _write_occluded(out: Path, name: str, result: OcclusionResult, with_instances: bool) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(result.image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    _atomic_bytes(out / "im" / f"{name}.jpg", buffer.getvalue())
+    gt = np.where(result.masks[result.target], 255, 0).astype(np.uint8)
+    _atomic_bytes(out / "gt" / f"{name}.png", _png(gt))
+    if with_instances:
+        ids = np.zeros(gt.shape, np.uint8)
+        for k, m in enumerate(result.masks, start=1):
+            ids[m] = k
+        ids[result.occluder_mask] = len(result.masks) + 1  # the occluder is the topmost object
+        _atomic_bytes(out / "instances" / f"{name}.png", _png(ids))
+
+
+def _examples_figure(path: Path, examples: list[dict[str, Any]]) -> None:
+    """A grid of before / occluder / after panels with the target's outline (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, len(examples))
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
+    for row, ex in zip(axes, examples):
+        panels = [
+            (ex["before"], ex["before_mask"], f"before: {ex['name']}"),
+            (ex["occluder_image"], ex["occluder_mask"], "occluder source"),
+            (ex["after"], ex["after_mask"], f"after (visible {ex['visible']:.3f})"),
+        ]
+        for ax, (image, mask, title) in zip(row, panels):
+            ax.imshow(image)
+            ax.contour(mask.astype(float), levels=[0.5], colors=["#00ff66"], linewidths=1.0)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        row[2].contour(ex["pasted"].astype(float), levels=[0.5], colors=["#ff3366"], linewidths=0.8)
+    for ax in axes.ravel()[3 * len(examples) :]:
+        ax.axis("off")
+    fig.suptitle("Occlusion synthesis: target outline green, pasted occluder red", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
+    """Build the occlusion-augmented training set into ``paths.out``.
+
+    Args:
+      params: the full params (sections ``data`` for the training set names and ``occlusion``).
+      paths: the raw-data folder (with its manifest) and the output folder.
+
+    Returns:
+      Flat numeric metrics: counts, mean visible fraction, seconds, MB.
+    """
+    start = time.perf_counter()
+    cfg = params.occlusion
+    if not 0.0 <= cfg.probability <= 1.0:
+        raise ValueError(f"occlusion.probability must be in [0, 1], got {cfg.probability}")
+    if cfg.copies < 1:
+        raise ValueError(f"occlusion.copies must be >= 1, got {cfg.copies}")
+    if not 0 < cfg.occluder_min_scale <= cfg.occluder_max_scale:
+        raise ValueError(
+            f"need 0 < occlusion.occluder_min_scale <= occluder_max_scale, got "
+            f"{cfg.occluder_min_scale}, {cfg.occluder_max_scale}"
+        )
+    raw = read_raw_manifest(paths.raw)
+
+    sources: list[_Source] = []
+    skipped: list[dict[str, str]] = []
+    source_info = []
+    multi = len(params.data.train) > 1
+    for name in params.data.train:
+        folder = raw.open_dataset(name, split="train", validate="header")
+        skipped.extend(
+            {"path": portable_path(Path(s.path), paths.raw), "reason": s.reason, "dataset": name}
+            for s in folder.skipped
+        )
+        source_info.append({"name": name, "split": "train", "pairs": len(folder)})
+        sources.extend(_Source(name, p, _output_name(name, p.name, multi)) for p in folder.pairs)
+    names = [s.out_name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError("training images with the same output name; give the datasets distinct folder names")
+    with_instances = all(s.pair.instances_path is not None for s in sources)
+
+    out = Path(paths.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if work.exists():  # left by a killed run
+        shutil.rmtree(work)
+    work.mkdir()  # (not mkdtemp: its 0700 mode would end up on the dataset folder)
+    for sub in ("im", "gt", *(("instances",) if with_instances else ())):
+        (work / sub).mkdir()
+
+    bad: dict[int, str] = {}
+
+    def load(index: int) -> data_lib.Sample | None:
+        if index in bad:
+            return None
+        try:
+            return data_lib.load_sample(sources[index].pair)
+        except data_lib.BadSampleError as err:
+            bad[index] = str(err)
+            logger.warning("skipping %s: %s", sources[index].pair.image_path, err)
+            skipped.append(
+                {
+                    "path": portable_path(sources[index].pair.image_path, paths.raw),
+                    "reason": str(err),
+                    "dataset": sources[index].dataset,
+                }
+            )
+            return None
+
+    def rel(path: Path | None) -> str | None:
+        return portable_path(path, paths.raw) if path is not None else None
+
+    entries: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
+    fallback_examples: list[dict[str, Any]] = []
+    totals = {
+        "occluded": 0,
+        "unchanged": 0,
+        "placement_failed": 0,
+        "occluder_unusable": 0,
+        "dropped_objects": 0,
+    }
+    visible: list[float] = []
+    try:
+        for index, source in enumerate(tqdm(sources, desc="occlusion", unit="img")):
+            sample = load(index)
+            if sample is None:
+                continue
+            for copy in range(cfg.copies):
+                name = source.out_name if cfg.copies == 1 else f"{source.out_name}__c{copy}"
+                generator = np.random.default_rng(np.random.SeedSequence([cfg.seed, index, copy]))
+                entry: dict[str, Any] = {
+                    "name": name,
+                    "source": f"{source.dataset}:{source.pair.name}",
+                    "source_image": rel(source.pair.image_path),
+                    "occluded": False,
+                }
+                result = None
+                if len(sources) > 1 and generator.random() < cfg.probability:
+                    other = int(generator.integers(len(sources) - 1))
+                    other += other >= index  # another image, never the same one
+                    occluder = load(other)
+                    if occluder is None:
+                        entry["reason"] = "occluder image unusable"
+                        totals["occluder_unusable"] += 1
+                    else:
+                        occ_mask, occ_id = _occluder_object(occluder, generator)
+                        masks, object_ids, target = _objects(sample)
+                        result = synthesize_occlusion(
+                            sample.image,
+                            masks,
+                            occluder.image,
+                            occ_mask,
+                            target=target,
+                            generator=generator,
+                            config=cfg,
+                        )
+                        entry["occluder"] = {
+                            "source": f"{sources[other].dataset}:{sources[other].pair.name}",
+                            "image": rel(sources[other].pair.image_path),
+                            "instance": occ_id,
+                        }
+                        if result is None:
+                            entry["reason"] = "no placement keeps the target visible"
+                            totals["placement_failed"] += 1
+                else:
+                    entry["reason"] = "not drawn"
+                if result is not None:
+                    # Dropped objects as ids of the source instance map.
+                    dropped_ids = [object_ids[i] for i in result.dropped]
+                    _write_occluded(work, name, result, with_instances)
+                    entry.update(
+                        occluded=True,
+                        placement=result.placement.to_dict(),
+                        visible_fraction=round(result.visible_fraction, 5),
+                        dropped_objects=dropped_ids,
+                    )
+                    totals["occluded"] += 1
+                    totals["dropped_objects"] += len(result.dropped)
+                    visible.append(result.visible_fraction)
+                    # The figure shows clearly visible occlusions first (tiny ones as a fallback).
+                    pool = examples if result.visible_fraction < 0.95 else fallback_examples
+                    if len(pool) < cfg.num_examples:
+                        pool.append(
+                            {
+                                "name": name,
+                                "before": sample.image,
+                                "before_mask": sample.mask,
+                                "occluder_image": occluder.image,
+                                "occluder_mask": occ_mask,
+                                "after": result.image,
+                                "after_mask": result.masks[result.target],
+                                "pasted": result.occluder_mask,
+                                "visible": result.visible_fraction,
+                            }
+                        )
+                else:
+                    _link(source.pair.image_path, work / "im" / f"{name}.jpg")
+                    _link(source.pair.mask_path, work / "gt" / f"{name}.png")
+                    if with_instances:
+                        _link(source.pair.instances_path, work / "instances" / f"{name}.png")
+                    totals["unchanged"] += 1
+                entries.append(entry)
+        if not entries:
+            raise data_lib.DatasetError(f"no usable training image in {params.data.train}")
+
+        config = dataclasses.asdict(cfg)
+        raw_manifest = paths.raw / RAW_MANIFEST_NAME
+        raw_digest = hashlib.sha256(raw_manifest.read_bytes()).hexdigest()
+        identity = json.dumps(
+            {"config": config, "train": list(params.data.train), "raw": raw_digest, "outputs": entries},
+            sort_keys=True,
+        )
+        manifest = {
+            "format": 1,
+            # Names this exact dataset: config + sources + every output's provenance.
+            "dataset_id": hashlib.sha256(identity.encode()).hexdigest()[:16],
+            "seed": cfg.seed,
+            "config": config,
+            "train": list(params.data.train),
+            "sources": source_info,
+            "raw_manifest_sha256": raw_digest,
+            "layout": {"im": ".jpg", "gt": ".png", "instances": ".png" if with_instances else None},
+            "totals": {
+                "source_images": len(sources),
+                "outputs": len(entries),
+                **totals,
+                "skipped": len(skipped),
+                "mean_visible_fraction": round(float(np.mean(visible)), 5) if visible else None,
+            },
+            "skipped": skipped,
+            "outputs": entries,
+        }
+        _atomic_bytes(
+            work / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+        )
+        _examples_figure(work / "examples.png", (examples + fallback_examples)[: cfg.num_examples])
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    seconds = time.perf_counter() - start
+    logger.info(
+        "occlusion: %d outputs (%d occluded) from %d images, %.1f s, %.2f MB in %s",
+        len(entries),
+        totals["occluded"],
+        len(sources),
+        seconds,
+        size / 1e6,
+        out,
+    )
+    return {
+        "source_images": float(len(sources)),
+        "outputs": float(len(entries)),
+        "occluded": float(totals["occluded"]),
+        "unchanged": float(totals["unchanged"]),
+        "placement_failed": float(totals["placement_failed"]),
+        "dropped_objects": float(totals["dropped_objects"]),
+        "skipped": float(len(skipped)),
+        "mean_visible_fraction": float(np.mean(visible)) if visible else 0.0,
+        "seconds": round(seconds, 3),
+        "mb": round(size / 1e6, 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = stage_argument_parser("Occlusion synthesis of the training set (stage 'synthesize').")
+    parser.add_argument("--raw", type=Path, required=True, help="raw-data folder with manifest.json")
+    parser.add_argument("--out", type=Path, required=True, help="output dataset folder, e.g. data/occluded")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params, args.overrides)
+    from pipeline.tracking import stage_run  # MLflow only when the stage really runs
+
+    with stage_run("synthesize", params, params_path=Path(args.params)) as tracker:
+        metrics = run(params, SynthesizePaths(raw=args.raw, out=args.out))
+        tracker.log_metrics(metrics)
+        tracker.log_dataset(args.out, name="occluded-train", context="training")
+        tracker.log_artifact(args.out / "manifest.json")
+        tracker.log_artifact(args.out / "examples.png")
+
+
+if __name__ == "__main__":
+    main()

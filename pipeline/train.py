@@ -1,0 +1,388 @@
+"""Stage ``train``: Stable-SAM fine-tuning on Ray Train (the robust training strategy).
+
+The same entry point runs under ``dvc repro`` (a local Ray instance, CPU workers with gloo by
+default) and under ``ray job submit`` on a cluster (``RAY_ADDRESS`` is set there, so Ray connects
+to it). Each worker builds Stable-SAM on the frozen SAM named by ``models/base/sam.json``, wraps
+the module in DDP with every frozen tensor excluded (so only the plug-in's gradients are
+all-reduced), draws its shard of every global batch (:class:`ShardedBatchSampler`), and trains
+with the mixed prompts, LSJ, the occlusion-synthesised data, BCE + dice and Adam.
+
+Every ``train.checkpoint_every`` steps rank 0 reports a checkpoint (plug-in weights, optimiser,
+step, loss history) to Ray. Ray restarts failed workers from it (``ray.max_failures``), and a
+killed or restarted job resumes from it too: the Ray run is named after a fingerprint of
+everything that determines the result, in a persistent storage folder, so a rerun with the same
+inputs finds the run's checkpoints. Since all randomness is a function of (seed, step), a resumed
+run reproduces the uninterrupted run's weights exactly (same number of workers).
+
+    python -m pipeline.train --base models/base --raw data/raw --occluded data/occluded \\
+        --out models/stable_sam --metrics metrics/train.json --plot plots/train.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stable_sam.build import build_stable_sam
+from stable_sam.checkpoint import save_plugin_checkpoint
+from stable_sam.config import Params, config_from_dict, config_to_dict
+from stable_sam.data import open_dataset
+from stable_sam.training import (
+    AugmentedPromptDataset,
+    ShardedBatchSampler,
+    collate_training,
+    robust_prompt_sampler,
+    supervised_step,
+)
+
+from .params import load_params, stage_argument_parser
+from .raw_data import read_raw_manifest
+from .run_state import repo_root, run_fingerprint
+from .sam_source import SamSource, read_sam_source, write_json_atomic
+
+__all__ = ["TrainPaths", "main", "run", "train_loop_per_worker"]
+
+logger = logging.getLogger("pipeline.train")
+
+STATE_FILE = "state.pt"
+# Fault injection for tests: "<step>:<marker file>" makes one worker die once at that step.
+FAIL_ONCE_ENV = "STABLE_SAM_FAIL_ONCE_AT_STEP"
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    base: Path  # models/base (sam.json)
+    raw: Path  # data/raw
+    occluded: Path  # data/occluded
+    out: Path  # models/stable_sam
+    metrics: Path  # metrics/train.json
+    plot: Path  # plots/train.csv
+
+
+def _open_training_set(spec: dict[str, str]):
+    if spec["kind"] == "folder":
+        return open_dataset(spec["path"], split="train")
+    return read_raw_manifest(spec["raw_dir"]).open_dataset(spec["name"], split="train")
+
+
+def _maybe_fail(step: int) -> None:
+    value = os.environ.get(FAIL_ONCE_ENV)
+    if not value:
+        return
+    fail_step, marker = value.split(":", 1)
+    if step == int(fail_step) and not Path(marker).exists():
+        Path(marker).write_text(f"worker killed at step {step}\n")
+        os._exit(1)  # a hard crash, as an OOM kill or a lost node would be
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (also callable without Ray for world size 1)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+    from torch.nn.parallel import DistributedDataParallel
+
+    params: Params = config_from_dict(Params, config["params"], where="train_loop_config")
+    cfg = params.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    source = SamSource(**config["sam"])
+
+    # Module initialisers (the DRP's first layer) draw from the global RNG: seed it.
+    torch.manual_seed(cfg.seed)
+    model = build_stable_sam(
+        sam_type=source.sam_type,
+        sam_checkpoint=source.checkpoint,
+        plugin_config=params.plugin,
+        tuning=params.tuning,
+    )
+    if model.sam_checkpoint_sha256 != source.sha256:
+        raise RuntimeError(f"{source.checkpoint} changed since train_base hashed it ({source.sha256})")
+    model.train()
+    # Only the trainable tensors take part in DDP: the frozen SAM is neither broadcast nor reduced.
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [
+        n for n, _ in model.named_buffers()
+    ]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    device = ray.train.torch.get_device()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    start_step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_trainable_state_dict(state["trainable"], source="Ray checkpoint")
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, history = int(state["step"]), list(state["history"])
+        if rank == 0:
+            logger.info("resuming from the checkpoint of step %d", start_step)
+
+    dataset = AugmentedPromptDataset(
+        _open_training_set(config["dataset"]),
+        image_size=model.img_size,
+        prompt_sampler=robust_prompt_sampler(cfg.prompts, mask_input_size=model.mask_input_size),
+        seed=cfg.seed,
+        lsj=cfg.lsj,
+        lsj_scale=(params.data.lsj_min_scale, params.data.lsj_max_scale),
+        hflip_probability=params.data.hflip_probability,
+    )
+    sampler = ShardedBatchSampler(
+        dataset_size=len(dataset),
+        local_batch=config["local_batch"],
+        num_replicas=world,
+        rank=rank,
+        seed=cfg.seed,
+        total_steps=config["total_steps"],
+        start_step=start_step,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_training, num_workers=cfg.loader_workers
+    )
+    total = config["total_steps"]
+    started, seen = time.perf_counter(), 0
+    for step, batch in enumerate(loader, start=start_step):
+        _maybe_fail(step)
+        batch = batch.to(device)
+        out = supervised_step(
+            wrapped,
+            model,
+            batch,
+            seed=cfg.seed,
+            step=step,
+            rank=rank,
+            num_points=cfg.num_points_loss,
+            oversample_ratio=cfg.oversample_ratio,
+            importance_sample_ratio=cfg.importance_sample_ratio,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        out.losses["total"].backward()
+        optimizer.step()
+        seen += len(batch.names) * world
+        # Global means for the log (the gradients were already averaged by DDP).
+        alpha1 = (
+            out.routing[:, 0].mean() if out.routing is not None else torch.tensor(float("nan"), device=device)
+        )
+        logged = torch.stack([out.losses["bce"], out.losses["dice"], out.losses["total"], alpha1]).detach()
+        if world > 1:
+            dist.all_reduce(logged)
+            logged /= world
+        bce, dice, loss, mean_alpha1 = (float(v) for v in logged)
+        row = {
+            "step": step + 1,
+            "loss": loss,
+            "bce": bce,
+            "dice": dice,
+            "alpha1": mean_alpha1,
+            "images_per_s": seen / (time.perf_counter() - started),
+        }
+        history.append(row)
+        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+            logger.info(
+                "step %d/%d loss %.4f (bce %.4f dice %.4f) mean α1 %.3f %.1f img/s",
+                step + 1, total, loss, bce, dice, mean_alpha1, row["images_per_s"],
+            )  # fmt: skip
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            with tempfile.TemporaryDirectory() as directory:
+                report_checkpoint = None
+                if rank == 0:
+                    state = {
+                        "trainable": model.trainable_state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step + 1,
+                        "history": history,
+                        # All randomness derives from (seed, step): the step is the RNG state.
+                        "rng": {
+                            "seed": cfg.seed,
+                            "derivation": "numpy default_rng([seed, epoch, index]) per sample",
+                        },
+                    }
+                    torch.save(state, Path(directory) / STATE_FILE)
+                    report_checkpoint = Checkpoint.from_directory(directory)
+                ray.train.report(dict(row), checkpoint=report_checkpoint)
+
+
+def _dataset_spec(params: Params, paths: TrainPaths) -> tuple[dict[str, str], Path]:
+    if params.train.use_occlusion:
+        return {"kind": "folder", "path": str(paths.occluded.resolve())}, paths.occluded
+    name = params.data.train[0]
+    raw = read_raw_manifest(paths.raw)
+    return {"kind": "raw", "raw_dir": str(paths.raw.resolve()), "name": name}, raw.dataset_root(name)
+
+
+def _folder_digest(path: Path) -> str:
+    """A cheap content identity for the run fingerprint: the dataset's own manifest, else file stats."""
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        return manifest.read_text()
+    return str(sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file()))
+
+
+def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, Any]:
+    """Train the plug-in with Ray Train; write the plug-in checkpoint, metrics and the curve."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    source = read_sam_source(paths.base)
+    spec, data_dir = _dataset_spec(params, paths)
+    cfg, scaling = params.train, params.ray
+    if cfg.batch_size % scaling.num_workers:
+        raise ValueError(
+            f"train.batch_size={cfg.batch_size} must be divisible by ray.num_workers={scaling.num_workers}"
+        )
+    local_batch = cfg.batch_size // scaling.num_workers
+    size = len(_open_training_set(spec))
+    steps_per_epoch = size // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training set has {size} images, fewer than one batch of {cfg.batch_size}")
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    fingerprint = run_fingerprint(
+        "train",
+        config_to_dict(params.plugin),
+        config_to_dict(params.tuning),
+        config_to_dict(cfg),
+        config_to_dict(params.data),
+        scaling.num_workers,
+        source.sha256,
+        _folder_digest(data_dir),
+    )
+    storage = (
+        Path(scaling.storage_path).expanduser() if scaling.storage_path else repo_root() / ".ray_results"
+    )
+    storage.mkdir(parents=True, exist_ok=True)
+    run_name = f"stable-sam-train-{fingerprint}"
+    logger.info(
+        "training %s on %s (%d images, %d steps of %d = %d workers x %d), Ray run %s in %s",
+        source.sam_type, data_dir, size, total_steps, cfg.batch_size, scaling.num_workers, local_batch, run_name, storage,
+    )  # fmt: skip
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit`) or ray.address connects to a cluster; else local.
+        ray.init(address=scaling.address, log_to_driver=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "params": config_to_dict(params),
+            "sam": asdict(source),
+            "dataset": spec,
+            "local_batch": local_batch,
+            "total_steps": total_steps,
+            "threads": max(1, int(scaling.cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    elapsed = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray run {run_name} finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    history = state["history"]
+
+    model = build_stable_sam(
+        sam_type=source.sam_type,
+        sam_checkpoint=source.checkpoint,
+        plugin_config=params.plugin,
+        tuning=params.tuning,
+    )
+    model.load_trainable_state_dict(state["trainable"], source=f"Ray run {run_name}")
+    plugin_path = paths.out / "plugin.pt"
+    save_plugin_checkpoint(
+        model,
+        plugin_path,
+        extra={
+            "steps": int(state["step"]),
+            "dataset": str(data_dir),
+            "ray_run": run_name,
+            "workers": scaling.num_workers,
+            "batch_size": cfg.batch_size,
+        },
+    )
+    tail = history[-min(len(history), 20) :]
+    metrics = {
+        "steps": int(state["step"]),
+        "final_loss": sum(r["loss"] for r in tail) / len(tail),
+        "final_alpha1": sum(r["alpha1"] for r in tail) / len(tail),
+        "trainable_parameters": model.num_trainable_parameters(),
+        "fit_seconds": round(elapsed, 1),
+        "images_per_s": round(history[-1]["images_per_s"], 2),
+        "workers": scaling.num_workers,
+    }
+    write_json_atomic(paths.metrics, metrics)
+    _write_curve(paths.plot, history)
+    if tracker is not None:
+        tracker.log_metrics_series(history, step_key="step")
+        tracker.log_dataset(data_dir, name="train", context="training")
+        tracker.set_tags({"ray.run_name": run_name, "ray.storage_path": str(storage)})
+    return metrics
+
+
+def _write_curve(path: Path, history: list[dict[str, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "bce", "dice", "alpha1", "images_per_s"])
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = stage_argument_parser(__doc__.split("\n")[0])
+    for name, help_text in [
+        ("--base", "base model folder (train_base output)"),
+        ("--raw", "raw data folder (fetch output)"),
+        ("--occluded", "occlusion-synthesised training set (synthesize output)"),
+        ("--out", "where plugin.pt goes"),
+        ("--metrics", "metrics JSON"),
+        ("--plot", "training curve CSV"),
+    ]:
+        parser.add_argument(name, type=Path, required=True, help=help_text)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params, args.overrides)
+    paths = TrainPaths(args.base, args.raw, args.occluded, args.out, args.metrics, args.plot)
+    from .tracking import stage_run
+
+    with stage_run("train", params, params_path=Path(args.params)) as tracker:
+        metrics = run(params, paths, tracker=tracker)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(paths.metrics, artifact_path="metrics")
+        tracker.log_figure(paths.plot) if paths.plot.suffix == ".png" else tracker.log_artifact(
+            paths.plot, "plots"
+        )
+        source = read_sam_source(paths.base)
+        tracker.register_checkpoint(
+            paths.out / "plugin.pt",
+            tags={"sam_type": source.sam_type, "sam_checkpoint_sha256": source.sha256},
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

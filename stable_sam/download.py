@@ -1,0 +1,380 @@
+"""Streaming downloads with resume and hash verification, and archive extraction that stays inside
+its target folder.
+
+Pure library code: no DVC, no MLflow. ``pipeline.fetch`` decides *what* to fetch; this module
+only knows how to get one URL onto disk safely:
+
+- the body streams into ``<dest>.part`` (hashed on the fly, with a tqdm bar);
+- a partial ``.part`` left by a cut connection or an earlier run is resumed with an HTTP
+  ``Range`` request (a server that ignores the range restarts the file from zero);
+- the sha256 and size are checked before ``os.replace`` moves the file to its final name, so a
+  file at the final path is always complete and verified; a mismatch removes the ``.part`` and
+  raises :class:`ChecksumError` naming the file and both hashes.
+
+:func:`safe_extract` refuses, before writing anything, every zip/tar member that is absolute,
+climbs out with ``..``, is a link (symbolic or hard) or a device, and extracts into a temporary
+sibling folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+import requests
+from tqdm.auto import tqdm
+
+__all__ = [
+    "ChecksumError",
+    "DownloadError",
+    "DownloadResult",
+    "UnsafeArchiveError",
+    "download_file",
+    "safe_extract",
+    "sha256_file",
+]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+# Network reads are smaller: a cut connection loses at most one read's worth of received bytes.
+_NET_CHUNK = 1 << 16
+# Members that archivers add on their own and that no dataset needs.
+_JUNK_PREFIXES = ("__MACOSX/",)
+_JUNK_NAMES = (".DS_Store",)
+
+
+class DownloadError(RuntimeError):
+    """A URL that could not be fetched (unreachable, HTTP error, too many cut connections)."""
+
+
+class ChecksumError(DownloadError):
+    """A file whose size or sha256 differs from the expected one."""
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive with members that would land outside the target folder, or links."""
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What :func:`download_file` put on disk."""
+
+    path: Path
+    sha256: str
+    bytes: int
+    # True when nothing was transferred because a verified file was already in place.
+    already_present: bool
+    # Number of HTTP requests that resumed a partial file with a Range header.
+    resumed_requests: int
+    seconds: float
+
+
+def sha256_file(path: str | Path, *, chunk_size: int = _CHUNK) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check(
+    name: str, url: str, size: int, digest: str, expected_size: int | None, expected_sha256: str | None
+) -> None:
+    if expected_size is not None and size != expected_size:
+        raise ChecksumError(f"{name}: size mismatch: expected {expected_size} bytes, got {size} (from {url})")
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise ChecksumError(
+            f"{name}: sha256 mismatch: expected {expected_sha256.lower()}, got {digest} (from {url})"
+        )
+
+
+def download_file(
+    url: str,
+    dest: str | Path,
+    *,
+    expected_sha256: str | None = None,
+    expected_size: int | None = None,
+    timeout: float = 60.0,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+    session: requests.Session | None = None,
+    chunk_size: int = _NET_CHUNK,
+) -> DownloadResult:
+    """Download ``url`` to ``dest``, resuming a partial file and verifying size and sha256.
+
+    Args:
+      url: http(s) URL.
+      dest: final path. Its folder is created. While downloading, the data lives in
+        ``<dest>.part`` in the same folder (so the final rename is atomic).
+      expected_sha256: hex digest the file must have; None accepts any content (the caller
+        records the returned hash, see ``fetch.trust_unverified``).
+      expected_size: byte size the file must have; None skips the size check.
+      timeout: seconds for connecting and for each read.
+      retries: how many times a cut or failed transfer is retried (resuming where it stopped).
+      backoff_s: sleep before retry k is ``backoff_s * 2**k``.
+      session: a ``requests.Session`` to reuse (tests, connection pooling).
+
+    Returns:
+      A :class:`DownloadResult`. A ``dest`` that already exists with the expected hash is
+      returned without any request; one with a different hash is replaced (it is inside our
+      download folder; the caller never points ``dest`` at a user's own file).
+
+    Raises:
+      DownloadError: HTTP errors (404, ...), unreachable host, or still cut after ``retries``.
+      ChecksumError: the complete file has the wrong size or sha256; nothing is left at
+        ``dest`` nor at ``<dest>.part``.
+    """
+    dest = Path(dest)
+    name = dest.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if dest.exists():
+        digest = sha256_file(dest)
+        size = dest.stat().st_size
+        try:
+            _check(name, str(dest), size, digest, expected_size, expected_sha256)
+            logger.info("%s: already present and verified", dest)
+            return DownloadResult(dest, digest, size, True, 0, time.perf_counter() - start)
+        except ChecksumError as err:
+            logger.warning("%s; removing it and downloading again", err)
+            dest.unlink()
+
+    part = dest.with_name(dest.name + ".part")
+    own_session = session is None
+    session = session or requests.Session()
+    resumed = 0
+    try:
+        for attempt in range(retries + 1):
+            try:
+                resumed += _transfer(
+                    url, part, session, timeout=timeout, chunk_size=chunk_size, size=expected_size
+                )
+                break
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as err:
+                if attempt == retries:
+                    have = part.stat().st_size if part.exists() else 0
+                    kept = f" ({have} bytes kept in {part} for a later resume)" if have else ""
+                    raise DownloadError(
+                        f"{name}: could not download {url} after {retries + 1} attempt(s){kept}: {err}"
+                    ) from err
+                wait = backoff_s * 2**attempt
+                logger.warning("%s: transfer interrupted (%s); retrying in %.1f s", name, err, wait)
+                time.sleep(wait)
+    finally:
+        if own_session:
+            session.close()
+
+    digest, size = sha256_file(part), part.stat().st_size
+    try:
+        _check(name, url, size, digest, expected_size, expected_sha256)
+    except ChecksumError:
+        part.unlink(missing_ok=True)
+        raise
+    with open(part, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(part, dest)
+    seconds = time.perf_counter() - start
+    logger.info("%s: %d bytes, sha256 %s, %.1f s", dest, size, digest, seconds)
+    return DownloadResult(dest, digest, size, False, resumed, seconds)
+
+
+def _transfer(
+    url: str, part: Path, session: requests.Session, *, timeout: float, chunk_size: int, size: int | None
+) -> int:
+    """Append the rest of ``url`` to ``part``; returns 1 if the request resumed with a Range."""
+    offset = part.stat().st_size if part.exists() else 0
+    if size is not None and offset > size:  # a stale part of some other file
+        part.unlink()
+        offset = 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        response = session.get(url, headers=headers, stream=True, timeout=timeout)
+    except requests.exceptions.InvalidURL as err:
+        raise DownloadError(f"{part.name[:-5]}: invalid URL {url!r}: {err}") from err
+    with response:
+        if response.status_code == 416 and offset:
+            # The part already holds every byte the server has: verify it as it is.
+            return 0
+        if response.status_code >= 400:
+            raise DownloadError(f"{part.name[:-5]}: HTTP {response.status_code} {response.reason} for {url}")
+        resumed = response.status_code == 206 and offset > 0
+        if offset and not resumed:
+            logger.info("%s: server ignored the Range request; restarting from byte 0", url)
+            offset = 0
+        if resumed:
+            content_range = response.headers.get("Content-Range", "")
+            if not content_range.startswith(f"bytes {offset}-"):
+                raise DownloadError(
+                    f"{url}: unexpected Content-Range {content_range!r} for a resume at {offset}"
+                )
+        length = response.headers.get("Content-Length")
+        total = size if size is not None else (offset + int(length) if length is not None else None)
+        with (
+            open(part, "ab" if resumed else "wb") as f,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name[:-5],
+                leave=False,
+            ) as bar,
+        ):
+            for block in response.iter_content(chunk_size=chunk_size):
+                f.write(block)
+                bar.update(len(block))
+        return int(resumed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Archives
+
+
+def _member_path(name: str, archive: Path) -> PurePosixPath | None:
+    """The member's relative path, None for junk, or an error for anything escaping the target."""
+    clean = name.replace("\\", "/")
+    if clean.startswith(_JUNK_PREFIXES) or PurePosixPath(clean).name in _JUNK_NAMES:
+        return None
+    path = PurePosixPath(clean)
+    if path.is_absolute() or clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
+        raise UnsafeArchiveError(f"{archive}: member {name!r} has an absolute path")
+    if ".." in path.parts:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} would be extracted outside the target folder")
+    parts = [p for p in path.parts if p not in ("", ".")]
+    return PurePosixPath(*parts) if parts else None
+
+
+def _zip_members(archive: Path, zf: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    members = []
+    for info in zf.infolist():
+        rel = _member_path(info.filename, archive)
+        if rel is None:
+            continue
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic link; refused")
+        # Archivers that record no file type leave S_IFMT at 0: a plain file.
+        if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is not a regular file; refused")
+        members.append((info, rel))
+    return members
+
+
+def _tar_members(archive: Path, tf: tarfile.TarFile) -> list[tuple[tarfile.TarInfo, PurePosixPath]]:
+    members = []
+    for info in tf.getmembers():
+        rel = _member_path(info.name, archive)
+        if rel is None:
+            continue
+        if info.issym() or info.islnk():
+            raise UnsafeArchiveError(
+                f"{archive}: member {info.name!r} is a link ({info.linkname!r}); refused"
+            )
+        if not (info.isfile() or info.isdir()):
+            raise UnsafeArchiveError(f"{archive}: member {info.name!r} is not a regular file; refused")
+        members.append((info, rel))
+    return members
+
+
+def _strip_top(rels: list[PurePosixPath], top: str | None) -> bool:
+    """True when every member lies under one folder named ``top`` (the archive repeats the target)."""
+    if top is None or not rels:
+        return False
+    return all(len(r.parts) >= 1 and r.parts[0] == top for r in rels) and any(len(r.parts) > 1 for r in rels)
+
+
+def _copy_stream(src: BinaryIO, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as out:
+        shutil.copyfileobj(src, out, _CHUNK)
+
+
+def safe_extract(archive: str | Path, dest: str | Path, *, strip_matching_top: bool = True) -> list[Path]:
+    """Extract a zip or tar archive into ``dest``, refusing anything that could escape it.
+
+    All members are checked before anything is written: absolute paths, ``..`` components,
+    symbolic and hard links, devices and FIFOs make the whole archive fail with
+    :class:`UnsafeArchiveError` naming the member. ``__MACOSX/`` and ``.DS_Store`` entries are
+    skipped. Extraction goes to a temporary sibling of ``dest`` that replaces ``dest`` only when
+    complete, so an interrupted run never leaves a half-extracted ``dest``.
+
+    Args:
+      archive: a ``.zip`` or anything ``tarfile`` opens (``.tar``, ``.tar.gz``, ...).
+      dest: the target folder; an existing one is replaced.
+      strip_matching_top: when every member lies under one folder whose name equals
+        ``dest.name`` (``DIS5K.zip`` holds ``DIS5K/...``), extract its contents directly into
+        ``dest`` instead of ``dest/DIS5K``. Archives with or without that top folder then give
+        the same layout.
+
+    Returns:
+      The extracted file paths (under ``dest``), sorted.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise FileNotFoundError(f"archive not found: {archive}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.extract-{os.getpid()}"
+    if tmp.exists():  # left by a killed run
+        shutil.rmtree(tmp)
+    tmp.mkdir()  # (not mkdtemp: its 0700 mode would end up on the extracted folder)
+    written: list[Path] = []
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                members = _zip_members(archive, zf)
+                strip = strip_matching_top and _strip_top([r for _, r in members], dest.name)
+                for info, rel in tqdm(members, desc=f"extract {archive.name}", unit="file", leave=False):
+                    rel = PurePosixPath(*rel.parts[1:]) if strip else rel
+                    if not rel.parts:
+                        continue
+                    target = tmp.joinpath(*rel.parts)
+                    if info.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    with zf.open(info) as src:
+                        _copy_stream(src, target)
+                    written.append(dest.joinpath(*rel.parts))
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                members = _tar_members(archive, tf)
+                strip = strip_matching_top and _strip_top([r for _, r in members], dest.name)
+                for info, rel in tqdm(members, desc=f"extract {archive.name}", unit="file", leave=False):
+                    rel = PurePosixPath(*rel.parts[1:]) if strip else rel
+                    if not rel.parts:
+                        continue
+                    target = tmp.joinpath(*rel.parts)
+                    if info.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    src = tf.extractfile(info)
+                    if src is None:  # cannot happen for regular files; guard anyway
+                        raise UnsafeArchiveError(f"{archive}: member {info.name!r} has no data")
+                    with src:
+                        _copy_stream(src, target)
+                    written.append(dest.joinpath(*rel.parts))
+        else:
+            raise UnsafeArchiveError(f"{archive}: not a zip or tar archive")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("extracted %d files from %s into %s", len(written), archive, dest)
+    return sorted(written)

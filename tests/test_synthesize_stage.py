@@ -1,0 +1,147 @@
+"""The synthesize stage (run): a versioned, deterministic occlusion dataset with provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.fetch import FetchPaths
+from pipeline.fetch import run as fetch
+from pipeline.raw_data import write_raw_manifest
+from pipeline.synthesize import SynthesizePaths, main, run
+from stable_sam.config import DataConfig, EmbeddedConfig, FetchConfig, OcclusionConfig, Params
+
+
+def _params(**occlusion) -> Params:
+    return Params(
+        fetch=FetchConfig(source="embedded"),
+        embedded=EmbeddedConfig(num_train=12, num_val=2, image_size=64, min_objects=2, max_objects=4, seed=2),
+        occlusion=OcclusionConfig(**occlusion),
+    )
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("raw")
+    fetch(_params(), FetchPaths(out))
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_occluded_dataset_layout_and_provenance(raw, tmp_path):
+    out = tmp_path / "occluded"
+    metrics = run(_params(probability=1.0), SynthesizePaths(raw, out))
+    assert metrics["source_images"] == 12 and metrics["outputs"] == 12
+    assert metrics["occluded"] + metrics["unchanged"] == 12 and metrics["occluded"] >= 9
+    assert 0.1 <= metrics["mean_visible_fraction"] < 1.0
+    for sub in ("im", "gt", "instances"):
+        assert len(list((out / sub).iterdir())) == 12
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (
+        manifest["seed"] == 0
+        and manifest["config"]["probability"] == 1.0
+        and len(manifest["dataset_id"]) == 16
+    )
+    assert manifest["totals"]["occluded"] == metrics["occluded"]
+    for entry in manifest["outputs"]:
+        assert (raw / entry["source_image"]).is_file()
+        if not entry["occluded"]:
+            continue
+        assert entry["occluder"]["image"] != entry["source_image"]  # another image
+        assert (raw / entry["occluder"]["image"]).is_file() and entry["occluder"]["instance"] >= 1
+        assert {"centre_x", "centre_y", "scale", "flip"} <= entry["placement"].keys()
+        assert 0.1 <= entry["visible_fraction"] < 1.0
+        name = entry["name"]
+        gt = np.asarray(Image.open(out / "gt" / f"{name}.png")) == 255
+        inst = np.asarray(Image.open(out / "instances" / f"{name}.png"))
+        source_gt = np.asarray(Image.open(raw / "embedded/train/gt" / f"{name}.png")) == 255
+        # The GT is the visible part of the original target, and one of the instances.
+        assert not (gt & ~source_gt).any()
+        assert gt.sum() == pytest.approx(entry["visible_fraction"] * source_gt.sum(), abs=1)
+        assert any(np.array_equal(gt, inst == k) for k in np.unique(inst) if k)
+        occluder_id = inst.max()  # the pasted occluder is the topmost instance
+        assert not (gt & (inst == occluder_id)).any()
+    png = (out / "examples.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_deterministic_by_seed(raw, tmp_path):
+    run(_params(), SynthesizePaths(raw, tmp_path / "a"))
+    run(_params(), SynthesizePaths(raw, tmp_path / "b"))
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert a == b
+    run(_params(seed=1), SynthesizePaths(raw, tmp_path / "c"))
+    manifest = lambda d: json.loads((tmp_path / d / "manifest.json").read_text())  # noqa: E731
+    assert manifest("a")["dataset_id"] == manifest("b")["dataset_id"] != manifest("c")["dataset_id"]
+    # Rerunning into the same folder is idempotent.
+    run(_params(), SynthesizePaths(raw, tmp_path / "a"))
+    assert _files(tmp_path / "a") == a
+
+
+def test_unchanged_images_are_hard_links_and_copies_multiply(raw, tmp_path):
+    out = tmp_path / "occluded"
+    metrics = run(_params(probability=0.0), SynthesizePaths(raw, out))
+    assert metrics["unchanged"] == 12 and metrics["occluded"] == 0
+    src = raw / "embedded/train/im/train_00000.jpg"
+    assert os.stat(out / "im/train_00000.jpg").st_ino == os.stat(src).st_ino
+    metrics = run(_params(copies=2, probability=0.5), SynthesizePaths(raw, tmp_path / "two"))
+    assert metrics["outputs"] == 24
+    assert (tmp_path / "two/im/train_00000__c1.jpg").is_file()
+
+
+def test_bad_files_are_skipped_and_recorded(tmp_path):
+    """A user folder in the HQSeg layout (GT masks only) with a corrupt image and an empty mask."""
+    folder = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    for sub in ("im", "gt"):
+        (folder / sub).mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "im" / f"x{i}.jpg")
+        mask = np.zeros((40, 48), np.uint8)
+        if i != 3:
+            mask[10:30, 8 + i : 30 + i] = 255
+        Image.fromarray(mask).save(folder / "gt" / f"x{i}.png")
+    (folder / "im" / "x1.jpg").write_bytes(b"broken")
+    raw = tmp_path / "raw"
+    write_raw_manifest(raw, {"source": "local", "datasets": {}})
+    params = Params(data=DataConfig(train=[str(folder)]), occlusion=OcclusionConfig(probability=1.0))
+    metrics = run(params, SynthesizePaths(raw, tmp_path / "out"))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"x1.jpg", "x3.jpg"} and "empty mask" in reasons["x3.jpg"]
+    assert metrics["skipped"] == 2 and metrics["outputs"] == 3
+    assert not (tmp_path / "out" / "instances").exists()  # no instance maps in the source
+    assert sorted(p.name for p in (tmp_path / "out" / "im").iterdir()) == ["x0.jpg", "x2.jpg", "x4.jpg"]
+
+
+def test_missing_raw_manifest_and_bad_config(tmp_path):
+    with pytest.raises(Exception, match="run the fetch stage"):
+        run(_params(), SynthesizePaths(tmp_path / "nothing", tmp_path / "out"))
+    with pytest.raises(ValueError, match="probability"):
+        run(_params(probability=1.5), SynthesizePaths(tmp_path, tmp_path / "out"))
+
+
+def test_main_runs_offline_without_tracking(raw, tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("tracking:\n  enabled: false\n")
+    main(
+        [
+            "--params",
+            str(params_file),
+            "--raw",
+            str(raw),
+            "--out",
+            str(tmp_path / "occ"),
+            "--set",
+            "occlusion.seed=3",
+        ]
+    )
+    assert json.loads((tmp_path / "occ" / "manifest.json").read_text())["seed"] == 3
