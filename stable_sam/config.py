@@ -248,7 +248,14 @@ class EvalConfig:
     min_box_iou: float = 0.5
     multimask_output: bool = False
     coco_max_images: int | None = None
+    # COCO "N-Box (0.5-0.6)": every instance prompted by a noisy box with IoU in this window.
+    coco_min_box_iou: float = 0.5
+    coco_max_box_iou: float = 0.6
     num_figures: int = 4
+    # CPU threads of torch in the embed/evaluate/ablate stages. 1: the small models are
+    # decoder-bound and several threads on a shared CPU oversubscribe it (10-100x slower);
+    # None: torch's default (all cores; better for a ViT encoder on CPU). No effect on GPUs.
+    threads: int | None = 1
 
 
 @dataclass
@@ -258,7 +265,11 @@ class AblateConfig:
     point_counts: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 10, 15, 20])
     alpha1_values: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0])
     alpha1_point_counts: list[int] = field(default_factory=lambda: [1, 10])
+    # Prompt draws (ids of the evaluation's draws: the same prompts as the evaluate stage).
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # Trained variants (variants/dvc.yaml): name -> the extra arguments of their train and
+    # evaluate stages, e.g. "--set plugin.routing=fixed". Not part of the default `dvc repro`.
+    variants: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Timing scripts (``make bench``): they print figures; they are not tests."""

@@ -1,0 +1,337 @@
+"""The embed and evaluate stages (run): tiny data, a random tiny SAM, a perturbed plug-in.
+
+``make_project`` (also used by the ablate and report stage tests) writes, under a folder:
+raw/ (an embedded-layout val split of 64 x 64 images with gt/, instances/ and a COCO
+instances.json, plus the raw-data manifest), base/ (a tiny SAM checkpoint and sam.json) and
+plugin/ (a plug-in checkpoint moved away from its identity initialisation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturb_plugins
+from PIL import Image
+from pycocotools import mask as mask_utils
+from segment_anything.modeling import ImageEncoderViT
+
+from pipeline.embed import EmbedPaths
+from pipeline.embed import run as embed
+from pipeline.evaluate import EvaluatePaths, effect_checks
+from pipeline.evaluate import run as evaluate
+from pipeline.raw_data import write_raw_manifest
+from pipeline.sam_source import SamSource, write_sam_source
+from stable_sam.build import build_sam, build_stable_sam, file_sha256
+from stable_sam.checkpoint import save_plugin_checkpoint
+from stable_sam.config import DataConfig, EvalConfig, Params, PluginConfig, TrackingConfig, TuningConfig
+
+N_IMAGES = 4
+SIZE = 64
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+EFFECT_KEYS = {"gt_box", "noisy_box", "point_1", "point_3", "point_10"}
+
+
+def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy background with 3 objects (rectangles, an ellipse); returns (image, instance ids)."""
+    image = rng.integers(0, 90, size=(SIZE, SIZE, 3), dtype=np.uint8)
+    ids = np.zeros((SIZE, SIZE), np.uint8)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for k in range(1, 4):
+        y0, x0 = rng.integers(2, SIZE // 2, size=2)
+        h, w = rng.integers(12, SIZE // 2, size=2)
+        if k == 3:
+            mask = ((yy - y0 - h / 2) / (h / 2)) ** 2 + ((xx - x0 - w / 2) / (w / 2)) ** 2 <= 1
+        else:
+            mask = (yy >= y0) & (yy < y0 + h) & (xx >= x0) & (xx < x0 + w)
+        image[mask] = rng.integers(110, 255, size=3, dtype=np.uint8)
+        ids[mask] = k
+    return image, ids
+
+
+def write_val_split(root: Path, *, count: int = N_IMAGES, seed: int = 0) -> Path:
+    """<root>/val/{im,gt,instances}/ + instances.json (COCO, RLE), the embedded dataset's layout."""
+    val = root / "val"
+    for sub in ("im", "gt", "instances"):
+        (val / sub).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        image, ids = _scene(rng)
+        present = [k for k in range(1, 4) if (ids == k).sum() >= 20]
+        target = present[0]
+        name = f"val_{i:05d}"
+        Image.fromarray(image).save(val / "im" / f"{name}.jpg", quality=95)
+        Image.fromarray(((ids == target) * 255).astype(np.uint8)).save(val / "gt" / f"{name}.png")
+        Image.fromarray(ids).save(val / "instances" / f"{name}.png")
+        images.append({"id": i + 1, "file_name": f"{name}.jpg", "height": SIZE, "width": SIZE})
+        for k in present:
+            rle = mask_utils.encode(np.asfortranarray((ids == k).astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": 1 + (k == 3),
+                    "segmentation": rle,
+                    "area": float((ids == k).sum()),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}]
+    (val / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return val
+
+
+def make_project(
+    root: Path, *, tuning: TuningConfig | None = None, plugin: PluginConfig | None = None
+) -> dict[str, Path]:
+    """raw/, base/ and plugin/ under ``root`` (see the module docstring)."""
+    raw = root / "raw"
+    write_val_split(raw / "embedded")
+    write_raw_manifest(raw, {"source": "embedded", "datasets": {"embedded": {"root": "embedded"}}})
+    base = root / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        sam, _ = build_sam("tiny")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sam.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    checkpoint = base / "sam_tiny.pth"
+    torch.save(sam.state_dict(), checkpoint)
+    write_sam_source(base, SamSource("tiny", str(checkpoint), file_sha256(checkpoint), "trained"))
+    plugin_dir = root / "plugin"
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = build_stable_sam(
+            sam_type="tiny", sam_checkpoint=checkpoint, plugin_config=plugin, tuning=tuning
+        )
+    perturb_plugins(model, seed=2, scale=0.3)
+    save_plugin_checkpoint(model, plugin_dir / "plugin.pt")
+    return {"root": root, "raw": raw, "base": base, "plugin": plugin_dir}
+
+
+def tiny_params(**eval_kwargs) -> Params:
+    cfg = {"draws": 3, "num_figures": 1, **eval_kwargs}
+    return Params(
+        data=DataConfig(val=["embedded"]), eval=EvalConfig(**cfg), tracking=TrackingConfig(enabled=False)
+    )
+
+
+def eval_paths(project: dict[str, Path], out: Path, *, plugin: Path | None = None) -> EvaluatePaths:
+    return EvaluatePaths(
+        base=project["base"],
+        plugin=plugin or project["plugin"],
+        raw=project["raw"],
+        embeddings=project["root"] / "embeddings",
+        results=out / "reports" / "evaluation.json",
+        metrics=out / "metrics" / "evaluate.json",
+        effect=out / "metrics" / "effect.json",
+        checks=out / "metrics" / "effect_checks.json",
+        table=out / "reports" / "evaluation.md",
+        per_image=out / "reports" / "per_image.csv",
+        figures=out / "plots" / "evaluate",
+    )
+
+
+class EncoderCounter:
+    """Counts images through every ImageEncoderViT.forward (whatever model instance runs it)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.images = 0
+        original = ImageEncoderViT.forward
+
+        def counted(module, x):
+            self.images += x.shape[0]
+            return original(module, x)
+
+        monkeypatch.setattr(ImageEncoderViT, "forward", counted)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny decoders: one thread is fastest, and several oversubscribe a shared CPU badly."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> dict[str, Path]:
+    project = make_project(tmp_path_factory.mktemp("project"))
+    embed(
+        tiny_params(),
+        EmbedPaths(
+            project["base"], project["raw"], project["root"] / "embeddings", project["root"] / "embed.json"
+        ),
+    )
+    return project
+
+
+@pytest.fixture(scope="module")
+def evaluated(project, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("evaluated")
+    return evaluate(tiny_params(), eval_paths(project, out)), out
+
+
+def test_embed_writes_one_entry_per_image(project):
+    metrics = json.loads((project["root"] / "embed.json").read_text())
+    # 4 HQ images + the same 4 images as the COCO view: 4 encoder passes, 4 reuses
+    assert (metrics["images"], metrics["encoder_passes"], metrics["reused"]) == (
+        2 * N_IMAGES,
+        N_IMAGES,
+        N_IMAGES,
+    )
+    assert len(list((project["root"] / "embeddings").rglob("*.pt"))) == N_IMAGES
+    index = json.loads((project["root"] / "embeddings" / "index.json").read_text())
+    assert index["datasets"] == {"embedded": {"images": N_IMAGES, "coco_images": N_IMAGES}}
+
+
+def test_effect_json_has_exactly_the_required_shape(evaluated):
+    _, out = evaluated
+    effect = json.loads((out / "metrics" / "effect.json").read_text())
+    assert set(effect) == {"base", "stable_sam"}
+    assert set(effect["base"]) == EFFECT_KEYS and set(effect["stable_sam"]) == EFFECT_KEYS
+    for kind in EFFECT_KEYS:
+        assert set(effect["base"][kind]) == {"miou", "mbiou", "st"}
+        assert set(effect["stable_sam"][kind]) == {"miou", "mbiou", "st", "alpha1"}
+        for value in [*effect["base"][kind].values(), *effect["stable_sam"][kind].values()]:
+            assert isinstance(value, float)
+        assert 0.0 <= effect["stable_sam"][kind]["miou"] <= 100.0  # percent
+    assert effect["base"]["gt_box"]["st"] == effect["stable_sam"]["gt_box"]["st"] == 100.0
+    assert 0.0 < effect["stable_sam"]["point_1"]["alpha1"] < 1.0
+    checks = json.loads((out / "metrics" / "effect_checks.json").read_text())
+    assert set(checks) == {
+        "noisy_box_miou",
+        "noisy_box_st",
+        "point_1_miou",
+        "gt_box_miou",
+        "alpha1_fewer_points",
+        "all_hold",
+    }
+    assert checks == effect_checks(effect)
+
+
+def test_effect_is_the_mean_summary_and_sam_differs_from_stable_sam(evaluated):
+    metrics, out = evaluated
+    effect = json.loads((out / "metrics" / "effect.json").read_text())
+    mean = metrics["mean"]
+    assert effect["base"]["noisy_box"]["miou"] == pytest.approx(mean["sam"]["noisy_box"]["miou"], abs=1e-3)
+    assert effect["stable_sam"]["point_3"]["st"] == pytest.approx(
+        mean["stable_sam"]["point_3"]["st"], abs=1e-3
+    )
+    assert mean["sam"] != mean["stable_sam"]
+    assert metrics["baseline"] == "same model with the plug-ins disabled"
+    assert metrics["embedding_cache"] == {
+        "hits": 2 * N_IMAGES,
+        "computed_here": 0,
+        "bypassed": [],
+        "encoder_passes": 0,
+    }
+    assert json.loads((out / "reports" / "evaluation.json").read_text())["mean"] == json.loads(
+        json.dumps(mean)
+    )
+    compact = json.loads((out / "metrics" / "evaluate.json").read_text())
+    assert set(compact) == {"mean", "coco", "encoder_passes", "seconds"}
+    assert compact["mean"]["sam"]["noisy_box"] == {
+        k: pytest.approx(mean["sam"]["noisy_box"][k], abs=1e-3) for k in ("miou", "mbiou", "st")
+    }
+    assert set(compact["coco"]["embedded"]) == {"sam_map", "sam_map50", "stable_sam_map", "stable_sam_map50"}
+    coco = metrics["coco"]["embedded"]
+    assert coco["images"] == N_IMAGES and coco["prompted"] == coco["instances"] > N_IMAGES
+    for setting in ("sam", "stable_sam"):
+        assert 0.0 <= coco[setting]["map"] <= coco[setting]["map50"] <= 100.0
+
+
+@pytest.mark.parametrize(
+    ("effect_values", "expected"),
+    [
+        ({"nb": (40, 46, 30, 36), "p1": (20, 26), "gt": (80, 80.5), "a": (0.6, 0.4)}, True),
+        ({"nb": (40, 44.9, 30, 36), "p1": (20, 26), "gt": (80, 80.5), "a": (0.6, 0.4)}, False),
+        ({"nb": (40, 46, 30, 36), "p1": (20, 26), "gt": (80, 78.5), "a": (0.6, 0.4)}, False),
+        ({"nb": (40, 46, 30, 36), "p1": (20, 26), "gt": (80, 80.5), "a": (0.4, 0.6)}, False),
+    ],
+)
+def test_effect_checks_apply_the_targets(effect_values, expected):
+    nb_b, nb_s, st_b, st_s = effect_values["nb"]
+    entry = {"miou": 50.0, "mbiou": 40.0, "st": 60.0}
+    effect = {
+        "base": {k: dict(entry) for k in EFFECT_KEYS},
+        "stable_sam": {k: {**entry, "alpha1": 0.5} for k in EFFECT_KEYS},
+    }
+    effect["base"]["noisy_box"].update(miou=nb_b, st=st_b)
+    effect["stable_sam"]["noisy_box"].update(miou=nb_s, st=st_s)
+    effect["base"]["point_1"]["miou"], effect["stable_sam"]["point_1"]["miou"] = effect_values["p1"]
+    effect["base"]["gt_box"]["miou"], effect["stable_sam"]["gt_box"]["miou"] = effect_values["gt"]
+    effect["stable_sam"]["point_1"]["alpha1"], effect["stable_sam"]["point_10"]["alpha1"] = effect_values["a"]
+    assert effect_checks(effect)["all_hold"] is expected
+
+
+def test_table_csv_and_figures(evaluated):
+    _, out = evaluated
+    table = (out / "reports" / "evaluation.md").read_text()
+    for text in ("| SAM |", "| Stable-SAM |", "| Δ |", "Noisy box mIoU", "COCO mAP", "α1"):
+        assert text in table
+    with open(out / "reports" / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == N_IMAGES * 6  # 6 prompt types
+    row = next(r for r in rows if r["kind"] == "noisy_box")
+    assert float(row["delta_iou"]) == pytest.approx(
+        float(row["iou_stable_sam"]) - float(row["iou_sam"]), abs=1e-4
+    )
+    pngs = sorted(p.name for p in (out / "plots" / "evaluate").glob("*.png"))
+    assert pngs == ["embedded_val_00000_offsets.png", "embedded_val_00000_sam_vs_stable_sam.png"]
+    assert Image.open(out / "plots" / "evaluate" / pngs[1]).size[0] > 100
+
+
+def test_evaluate_never_runs_the_encoder_after_embed(project, tmp_path, monkeypatch):
+    counter = EncoderCounter(monkeypatch)
+    evaluate(tiny_params(num_figures=0, prompts=["gt_box"]), eval_paths(project, tmp_path))
+    assert counter.images == 0
+
+
+def test_decoder_tuned_checkpoint_is_compared_with_a_plain_sam(tmp_path, evaluated):
+    reference, _ = evaluated
+    project = make_project(tmp_path / "p", tuning=TuningConfig(decoder="full"))
+    embed(
+        tiny_params(),
+        EmbedPaths(project["base"], project["raw"], project["root"] / "embeddings", tmp_path / "e.json"),
+    )
+    metrics = evaluate(tiny_params(num_figures=0), eval_paths(project, tmp_path / "out"))
+    assert metrics["baseline"].startswith("a separate plain SAM")
+    # The same SAM weights and prompts: the baseline equals the frozen project's "plug-ins off" SAM.
+    assert metrics["mean"]["sam"] == reference["mean"]["sam"]
+
+
+def test_lora_checkpoint_bypasses_the_cache_and_says_so(tmp_path, monkeypatch):
+    project = make_project(
+        tmp_path / "p",
+        plugin=PluginConfig(variant="none"),
+        tuning=TuningConfig(encoder="lora", decoder="prediction_head"),
+    )
+    embed(
+        tiny_params(),
+        EmbedPaths(project["base"], project["raw"], project["root"] / "embeddings", tmp_path / "e.json"),
+    )
+    counter = EncoderCounter(monkeypatch)
+    metrics = evaluate(tiny_params(num_figures=0, prompts=["gt_box"]), eval_paths(project, tmp_path / "out"))
+    # Only the LoRA model embeds (HQ view + COCO view); the plain-SAM baseline reads the cache.
+    assert counter.images == 2 * N_IMAGES
+    (line,) = metrics["embedding_cache"]["bypassed"]
+    assert "lora" in line and f"{2 * N_IMAGES} images" in line
+    assert (
+        json.loads((tmp_path / "out" / "metrics" / "evaluate.json").read_text())["encoder_passes"]
+        == 2 * N_IMAGES
+    )
+    effect = json.loads((tmp_path / "out" / "metrics" / "effect.json").read_text())
+    assert effect["stable_sam"]["gt_box"]["alpha1"] is None  # no routing without plug-ins
