@@ -46,7 +46,7 @@ from stable_sam.training import (
 
 from .params import load_params, stage_argument_parser
 from .raw_data import read_raw_manifest
-from .run_state import repo_root, run_fingerprint
+from .run_state import TRAINING_CODE, repo_root, run_fingerprint
 from .sam_source import SamSource, read_sam_source, write_json_atomic
 
 __all__ = ["TrainPaths", "main", "run", "train_loop_per_worker"]
@@ -259,6 +259,7 @@ def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, 
         scaling.num_workers,
         source.sha256,
         _folder_digest(data_dir),
+        code=(*TRAINING_CODE, "pipeline/train.py"),
     )
     storage = (
         Path(scaling.storage_path).expanduser() if scaling.storage_path else repo_root() / ".ray_results"

@@ -40,7 +40,7 @@ from stable_sam.training import (
 
 from .params import load_params, stage_argument_parser
 from .raw_data import read_raw_manifest
-from .run_state import run_fingerprint, state_dir
+from .run_state import TRAINING_CODE, run_fingerprint, state_dir
 from .sam_source import SamSource, write_json_atomic, write_sam_source
 
 __all__ = ["TrainBasePaths", "main", "run"]
@@ -121,6 +121,7 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
         config_to_dict(cfg),
         params.data.train,
         file_sha256(paths.raw / "manifest.json"),
+        code=(*TRAINING_CODE, "pipeline/train_base.py"),
     )
     resume_dir = state_dir("train_base", fingerprint)
     resume_file = resume_dir / "state.pt"
