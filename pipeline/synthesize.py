@@ -253,7 +253,7 @@ def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
     }
     visible: list[float] = []
     try:
-        for index, source in enumerate(tqdm(sources, desc="occlusion", unit="img")):
+        for index, source in enumerate(tqdm(sources, desc="occlusion", unit="img", mininterval=10)):
             sample = load(index)
             if sample is None:
                 continue

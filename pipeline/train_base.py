@@ -180,7 +180,10 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
         history.append(row)
         progress.update(1)
         progress.set_postfix(
-            loss=f"{row['total']:.3f}", iou_mse=f"{row['iou_mse']:.3f}", img_s=f"{row['images_per_s']:.1f}"
+            loss=f"{row['total']:.3f}",
+            iou_mse=f"{row['iou_mse']:.3f}",
+            img_s=f"{row['images_per_s']:.1f}",
+            refresh=False,
         )
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             logger.info(

@@ -503,7 +503,7 @@ def generate_split(
     images, annotations = [], []
     cat_counts = dict.fromkeys(CATEGORIES, 0)
     rel_counts = dict.fromkeys(_RELATIONS, 0)
-    for index, name in enumerate(tqdm(names, desc=f"embedded {split}", unit="img")):
+    for index, name in enumerate(tqdm(names, desc=f"embedded {split}", unit="img", mininterval=10)):
         scene = generate_scene(
             scene_generator(generator_seed, split, index),
             image_size=image_size,
