@@ -26,9 +26,10 @@ import stat
 import tarfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import requests
 from tqdm.auto import tqdm
@@ -305,6 +306,39 @@ def _copy_stream(src: BinaryIO, target: Path) -> None:
         shutil.copyfileobj(src, out, _CHUNK)
 
 
+def _extract_members(
+    archive: Path,
+    members: list[tuple[Any, PurePosixPath]],
+    tmp: Path,
+    dest: Path,
+    *,
+    is_dir: Callable[[Any], bool],
+    open_member: Callable[[Any], Any],
+    strip_matching_top: bool,
+) -> list[Path]:
+    """Write already-vetted (member, relative path) pairs of a zip or tar into ``tmp``.
+
+    Returns the paths the files will have under ``dest`` once ``tmp`` is renamed into place.
+    """
+    strip = strip_matching_top and _strip_top([r for _, r in members], dest.name)
+    written: list[Path] = []
+    for info, rel in tqdm(members, desc=f"extract {archive.name}", unit="file", leave=False):
+        rel = PurePosixPath(*rel.parts[1:]) if strip else rel
+        if not rel.parts:
+            continue
+        target = tmp.joinpath(*rel.parts)
+        if is_dir(info):
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        src = open_member(info)
+        if src is None:  # tarfile: cannot happen for regular files; guard anyway
+            raise UnsafeArchiveError(f"{archive}: member {getattr(info, 'name', info)!r} has no data")
+        with src:
+            _copy_stream(src, target)
+        written.append(dest.joinpath(*rel.parts))
+    return written
+
+
 def safe_extract(archive: str | Path, dest: str | Path, *, strip_matching_top: bool = True) -> list[Path]:
     """Extract a zip or tar archive into ``dest``, refusing anything that could escape it.
 
@@ -333,41 +367,19 @@ def safe_extract(archive: str | Path, dest: str | Path, *, strip_matching_top: b
     if tmp.exists():  # left by a killed run
         shutil.rmtree(tmp)
     tmp.mkdir()  # (not mkdtemp: its 0700 mode would end up on the extracted folder)
-    written: list[Path] = []
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                members = _zip_members(archive, zf)
-                strip = strip_matching_top and _strip_top([r for _, r in members], dest.name)
-                for info, rel in tqdm(members, desc=f"extract {archive.name}", unit="file", leave=False):
-                    rel = PurePosixPath(*rel.parts[1:]) if strip else rel
-                    if not rel.parts:
-                        continue
-                    target = tmp.joinpath(*rel.parts)
-                    if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    with zf.open(info) as src:
-                        _copy_stream(src, target)
-                    written.append(dest.joinpath(*rel.parts))
+                written = _extract_members(
+                    archive, _zip_members(archive, zf), tmp, dest,
+                    is_dir=lambda info: info.is_dir(), open_member=zf.open, strip_matching_top=strip_matching_top,
+                )  # fmt: skip
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                members = _tar_members(archive, tf)
-                strip = strip_matching_top and _strip_top([r for _, r in members], dest.name)
-                for info, rel in tqdm(members, desc=f"extract {archive.name}", unit="file", leave=False):
-                    rel = PurePosixPath(*rel.parts[1:]) if strip else rel
-                    if not rel.parts:
-                        continue
-                    target = tmp.joinpath(*rel.parts)
-                    if info.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    src = tf.extractfile(info)
-                    if src is None:  # cannot happen for regular files; guard anyway
-                        raise UnsafeArchiveError(f"{archive}: member {info.name!r} has no data")
-                    with src:
-                        _copy_stream(src, target)
-                    written.append(dest.joinpath(*rel.parts))
+                written = _extract_members(
+                    archive, _tar_members(archive, tf), tmp, dest,
+                    is_dir=lambda info: info.isdir(), open_member=tf.extractfile, strip_matching_top=strip_matching_top,
+                )  # fmt: skip
         else:
             raise UnsafeArchiveError(f"{archive}: not a zip or tar archive")
         if dest.exists():

@@ -80,6 +80,7 @@ def test_mlflow_run_holds_params_metrics_dataset_checkpoint_and_model_version(
         f"train.steps={STEPS}",
         "train.checkpoint_every=4",
         "train.lr=0.002",
+        "plugin.placements=[block2,final]",
         f"ray.storage_path={tmp_path / 'ray'}",
         "tracking.enabled=true",
         f"tracking.uri={uri}",
@@ -103,7 +104,7 @@ def test_mlflow_run_holds_params_metrics_dataset_checkpoint_and_model_version(
     params = run.data.params
     assert params["train.lr"] == "0.002" and params["train.steps"] == str(STEPS)
     assert params["sam.type"] == "tiny" and params["ray.num_workers"] == "2"
-    assert params["plugin.placements"] == '["block2"]' and params["train.prompts.noisy_box"] == "1.0"
+    assert params["plugin.placements"] == '["block2", "final"]' and params["train.prompts.noisy_box"] == "1.0"
     assert {k.split(".")[0] for k in params} >= {
         "sam",
         "plugin",
