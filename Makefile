@@ -6,6 +6,9 @@ PYTHON ?= python3
 # GPU users: `make setup TORCH_PIN=` after installing their own CUDA torch + torchvision.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
+# dvc.yaml's stage commands call `python`: the project's environment comes first on PATH.
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # Offline by default: no telemetry, local Ray without token auth.
 export MLFLOW_DISABLE_TELEMETRY ?= true
