@@ -541,3 +541,17 @@ def test_failure_mid_run_warns_once_and_replays_into_the_same_run(
         0.25,
     ]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_importing_the_stages_turns_telemetry_off_unless_the_user_chose():
+    """`dvc repro` by hand (no Makefile exports) runs the stages without telemetry; a user's own value wins."""
+    from pipeline import OFFLINE_ENVIRONMENT
+
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENVIRONMENT}
+    env["DO_NOT_TRACK"] = "false"  # the user's explicit choice
+    script = "import json, os, pipeline.params; print(json.dumps({k: os.environ.get(k) for k in pipeline.OFFLINE_ENVIRONMENT}))"
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout
+    seen = json.loads(out)
+    assert seen == {**OFFLINE_ENVIRONMENT, "DO_NOT_TRACK": "false"}
