@@ -23,7 +23,8 @@ PLUGIN = Path("models/stable_sam/plugin.pt")
 def default_model(*, plugin: bool = True, sam_type: str | None = None) -> tuple[StableSam, str]:
     """The pipeline's SAM (+ plug-in) if `dvc repro` produced them, else random weights.
 
-    ``sam_type`` other than the pipeline's (e.g. "vit_b"): that architecture with random weights.
+    ``sam_type`` other than the pipeline's (e.g. "vit_b"): that architecture with random weights
+    and the default plug-in config (the paper's block-2 placement).
     """
     from pipeline.sam_source import read_sam_source
 
@@ -42,10 +43,13 @@ def default_model(*, plugin: bool = True, sam_type: str | None = None) -> tuple[
             plugin_checkpoint=PLUGIN if use_plugin else None,
         )
         return model.eval(), f"{source.sam_type} from {BASE}" + (f" + {PLUGIN}" if use_plugin else "")
+    from pipeline.params import load_params
+
+    # The stand-in has the plug-ins the pipeline would train (params.yaml's placements).
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = build_stable_sam(sam_type="small")
-    return model.eval(), "small SAM with random weights (models/base not built)"
+        model = build_stable_sam(sam_type="small", plugin_config=load_params().plugin)
+    return model.eval(), "small SAM with random weights and params.yaml's plug-ins (models/base not built)"
 
 
 def default_images(image_size: int, limit: int | None = None) -> tuple[list[PreparedImage], str]:

@@ -1,0 +1,38 @@
+"""The benchmarks run and print their figures (a smoke test: timings are never asserted)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks import decoder_overhead, sweep_cache
+
+
+@pytest.fixture
+def no_pipeline_artefacts(tmp_path, monkeypatch):
+    """A working directory with the project's params.yaml but no models/ or data/: the random stand-ins."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the generated validation split lands here
+
+
+@pytest.mark.slow
+def test_decoder_overhead_prints_ratios(no_pipeline_artefacts, capsys):
+    ratios = decoder_overhead.main(["--iters", "2", "--threads", "0"])
+    out = capsys.readouterr().out
+    assert set(ratios) == {"small_p1", "small_p5", "vit_b_p1", "vit_b_p5"}
+    assert all(r > 0 for r in ratios.values())
+    assert "params.yaml's plug-ins" in out and "ratio on/off" in out
+
+
+def test_sweep_cache_runs_the_encoder_once_per_image_and_gives_identical_records(
+    no_pipeline_artefacts, capsys
+):
+    result = sweep_cache.main(["--images", "2", "--draws", "1", "--threads", "0"])
+    out = capsys.readouterr().out
+    assert "(40 encoder passes)" in out and "(2 encoder passes)" in out  # 20 settings x 2 images, then 2
+    assert "identical records: True" in out
+    assert result["uncached_s"] > 0 and result["cached_s"] > 0
