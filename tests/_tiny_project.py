@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import TEST_ENVIRONMENT
 from PIL import Image
 
 from pipeline.params import load_params
@@ -30,20 +31,9 @@ from stable_sam.config import Params
 REPO = Path(__file__).resolve().parent.parent
 PARAMS_FILE = REPO / "params.yaml"
 
-# Environment for every subprocess the slow tests start (stage runs, Ray heads, dvc): offline,
-# quiet, no token auth, Ray Train's result polling fast enough for per-checkpoint reports.
-OFFLINE_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "ITERATIVE_DO_NOT_TRACK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    "TQDM_DISABLE": "1",
-    "PYTHONUNBUFFERED": "1",
-}
+# Environment for every subprocess the slow tests start (stage runs, Ray heads, dvc): the test
+# session's own, unbuffered so that failures show their last lines.
+OFFLINE_ENV = {**TEST_ENVIRONMENT, "PYTHONUNBUFFERED": "1"}
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 
-for _key, _value in {
+# Offline, quiet, no token auth, Ray Train's result polling fast enough for per-checkpoint
+# reports. Also given to every subprocess the slow tests start (tests/_tiny_project.py).
+TEST_ENVIRONMENT = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",
@@ -17,7 +19,8 @@ for _key, _value in {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "TQDM_DISABLE": "1",
-}.items():
+}
+for _key, _value in TEST_ENVIRONMENT.items():
     os.environ.setdefault(_key, _value)
 
 import pytest  # noqa: E402
@@ -71,3 +74,15 @@ def perturb_plugins(model, *, seed: int = 1, scale: float = 0.5) -> None:
 @pytest.fixture
 def tiny_model():
     return random_stable_sam("tiny")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny decoders: one thread is fastest, and several oversubscribe a shared CPU badly.
+
+    Modules that evaluate many tiny prompts use it: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -8,7 +8,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 from test_evaluate_stage import N_IMAGES, EncoderCounter, eval_paths, make_project, tiny_params
 
 from pipeline.ablate import SweepPaths, VariantsPaths, summarize_variants
@@ -22,15 +21,10 @@ from stable_sam.config import AblateConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def _params(**ablate_kwargs):

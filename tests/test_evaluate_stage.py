@@ -32,7 +32,10 @@ from stable_sam.config import DataConfig, EvalConfig, Params, PluginConfig, Trac
 
 N_IMAGES = 4
 SIZE = 64
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 EFFECT_KEYS = {"gt_box", "noisy_box", "point_1", "point_3", "point_10"}
 
 
@@ -155,15 +158,6 @@ class EncoderCounter:
             return original(module, x)
 
         monkeypatch.setattr(ImageEncoderViT, "forward", counted)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny decoders: one thread is fastest, and several oversubscribe a shared CPU badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from stable_sam.evaluation import (
 from stable_sam.metrics import coco_mask_ap
 from stable_sam.prompts import box_from_mask, box_iou
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _blob_image(seed: int, size: int = 64) -> tuple[np.ndarray, list[np.ndarray]]:
     """A textured image with two rectangles and an ellipse; returns (image, instance masks)."""
@@ -49,15 +51,6 @@ def _blob_image(seed: int, size: int = 64) -> tuple[np.ndarray, list[np.ndarray]
             previous &= ~mask
         masks.append(mask)
     return image, [m for m in masks if m.sum() > 10]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny decoders: one thread is fastest, and several oversubscribe a shared CPU badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
