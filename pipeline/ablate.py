@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from stable_sam.config import Params
-from stable_sam.evaluation import ReadOnlyEmbeddingCache, evaluate_prompts, summarize
+from stable_sam.evaluation import ReadOnlyEmbeddingCache, summarize
 
 from .embed import hq_chunks, hq_sets, set_threads
-from .evaluate import BASELINE, MODEL, ModelPass, embed_pass, model_passes
+from .evaluate import BASELINE, MODEL, ModelPass, embed_pass, evaluate_pass, model_passes
 from .params import load_params, stage_argument_parser
 from .raw_data import read_raw_manifest
 from .readme_table import write_text_atomic
@@ -95,21 +95,10 @@ def _sweep_records(
     for name, dataset in hq_sets(params, raw):
         for chunk in hq_chunks(dataset, resize=resize, image_size=size):
             for p in passes:
-                records += evaluate_prompts(
-                    p.model,
-                    chunk,
-                    embed_pass(p, chunk, cache),
-                    kinds=kinds,
-                    draws=len(seeds),
-                    draw_ids=seeds,
-                    seed=cfg.seed,
-                    settings=p.settings,
-                    noise_scale=cfg.noise_scale,
-                    min_iou=cfg.min_box_iou,
-                    multimask_output=cfg.multimask_output,
-                    dataset=name,
-                    progress=False,
-                )
+                records += evaluate_pass(
+                    p, chunk, embed_pass(p, chunk, cache), cfg, kinds=kinds, dataset=name,
+                    draws=len(seeds), draw_ids=seeds,
+                )  # fmt: skip
         images[name] = len(dataset)
     if cache.computed:
         logger.warning(

@@ -153,6 +153,36 @@ def embed_pass(
     return embed_images(p.model, images, cache=cache, progress=False)
 
 
+def evaluate_pass(
+    p: ModelPass,
+    images: Sequence[PreparedImage],
+    embeddings: Sequence[torch.Tensor],
+    cfg: EvalConfig,
+    *,
+    kinds: Sequence[str],
+    dataset: str,
+    draws: int,
+    draw_ids: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-image records of one model pass over ``images`` under the evaluation config's prompt
+    settings (noise scale, box IoU floor, multimask, seed): the evaluate stage and the sweeps share it."""
+    return evaluate_prompts(
+        p.model,
+        images,
+        embeddings,
+        kinds=kinds,
+        draws=draws,
+        draw_ids=draw_ids,
+        seed=cfg.seed,
+        settings=p.settings,
+        noise_scale=cfg.noise_scale,
+        min_iou=cfg.min_box_iou,
+        multimask_output=cfg.multimask_output,
+        dataset=dataset,
+        progress=False,
+    )
+
+
 def _figure_indices(count: int, wanted: int) -> set[int]:
     if wanted <= 0 or count == 0:
         return set()
@@ -380,19 +410,8 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
             for p in passes:
                 embeddings = embed_pass(p, chunk, cache)
                 chunk_embeddings.append(embeddings)
-                records += evaluate_prompts(
-                    p.model,
-                    chunk,
-                    embeddings,
-                    kinds=kinds,
-                    draws=cfg.draws,
-                    seed=cfg.seed,
-                    settings=p.settings,
-                    noise_scale=cfg.noise_scale,
-                    min_iou=cfg.min_box_iou,
-                    multimask_output=cfg.multimask_output,
-                    dataset=name,
-                    progress=False,
+                records += evaluate_pass(
+                    p, chunk, embeddings, cfg, kinds=kinds, dataset=name, draws=cfg.draws
                 )
             for j, image in enumerate(chunk):
                 if image.index in wanted and image.frame_mask.any():
