@@ -27,6 +27,7 @@ __all__ = [
     "PROMPT_LABELS",
     "START_MARKER",
     "check_entries",
+    "compared_cells",
     "effect_markdown",
     "fmt",
     "fmt_delta",
@@ -82,6 +83,17 @@ def fmt_delta(new: Any, old: Any, digits: int = 1) -> str:
     return f"{float(new) - float(old):+.{digits}f}"
 
 
+def compared_cells(
+    base: Mapping[str, Any], model: Mapping[str, Any], keys: Sequence[str], digits: int = 1
+) -> list[str]:
+    """For each key: the base value, the model value and their difference (model - base), formatted."""
+    cells: list[str] = []
+    for key in keys:
+        old, new = base.get(key), model.get(key)
+        cells += [fmt(old, digits), fmt(new, digits), fmt_delta(new, old, digits)]
+    return cells
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, align: str | None = None) -> str:
     """A GitHub-flavoured markdown table; ``align`` is one of l/r/c per column (default l then r)."""
     align = align or "l" + "r" * (len(headers) - 1)
@@ -106,15 +118,7 @@ def effect_markdown(effect: Mapping[str, Any], checks: Mapping[str, Any] | None 
         rows.append(
             [
                 prompt_label(kind),
-                fmt(b.get("miou")),
-                fmt(s.get("miou")),
-                fmt_delta(s.get("miou"), b.get("miou")),
-                fmt(b.get("mbiou")),
-                fmt(s.get("mbiou")),
-                fmt_delta(s.get("mbiou"), b.get("mbiou")),
-                fmt(b.get("st")),
-                fmt(s.get("st")),
-                fmt_delta(s.get("st"), b.get("st")),
+                *compared_cells(b, s, ("miou", "mbiou", "st")),
                 fmt(s.get("alpha1"), 3),
             ]
         )

@@ -28,6 +28,7 @@ from stable_sam.config import Params
 from .params import load_params, stage_argument_parser
 from .readme_table import (
     check_entries,
+    compared_cells,
     effect_markdown,
     fmt,
     fmt_delta,
@@ -159,9 +160,7 @@ def evaluation_markdown(
                 _with_std(s),
                 _with_std(t),
                 fmt_delta(t.get("miou"), s.get("miou")),
-                fmt(s.get("mbiou")),
-                fmt(t.get("mbiou")),
-                fmt_delta(t.get("mbiou"), s.get("mbiou")),
+                *compared_cells(s, t, ("mbiou",)),
                 fmt(st_sam),
                 fmt(st_stable),
                 fmt_delta(st_stable, st_sam),
@@ -200,12 +199,7 @@ def evaluation_markdown(
                     [
                         name,
                         prompt_label(kind),
-                        fmt(s.get("miou")),
-                        fmt(t.get("miou")),
-                        fmt_delta(t.get("miou"), s.get("miou")),
-                        fmt(s.get("mbiou")),
-                        fmt(t.get("mbiou")),
-                        fmt_delta(t.get("mbiou"), s.get("mbiou")),
+                        *compared_cells(s, t, ("miou", "mbiou")),
                     ]
                 )
         lines += [
@@ -221,12 +215,7 @@ def evaluation_markdown(
         rows = [
             [
                 name,
-                fmt(e[BASELINE]["map"]),
-                fmt(e[MODEL]["map"]),
-                fmt_delta(e[MODEL]["map"], e[BASELINE]["map"]),
-                fmt(e[BASELINE]["map50"]),
-                fmt(e[MODEL]["map50"]),
-                fmt_delta(e[MODEL]["map50"], e[BASELINE]["map50"]),
+                *compared_cells(e[BASELINE], e[MODEL], ("map", "map50")),
                 e.get("images", "–"),
                 e.get("instances", "–"),
                 e.get("escalated", "–"),
