@@ -10,13 +10,13 @@ BIN := $(VENV)/bin
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-# Offline by default: no telemetry, local Ray without token auth.
+# Offline by default: no telemetry. (The train stage's own local Ray binds to loopback only and
+# runs without token auth; a cluster named by RAY_ADDRESS / ray.address keeps the user's auth.)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
 export ITERATIVE_DO_NOT_TRACK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
-export RAY_AUTH_MODE ?= disabled
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.2
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from stable_sam.training import (
 
 from .params import load_params, stage_argument_parser
 from .raw_data import read_raw_manifest
+from .ray_runtime import check_resources, init_ray, is_loopback_ray
 from .run_state import TRAINING_CODE, repo_root, run_fingerprint
 from .sam_source import SamSource, read_sam_source, write_json_atomic
 
@@ -233,10 +235,6 @@ def _folder_digest(path: Path) -> str:
 
 def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, Any]:
     """Train the plug-in with Ray Train; write the plug-in checkpoint, metrics and the curve."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     source = read_sam_source(paths.base)
     spec, data_dir = _dataset_spec(params, paths)
     cfg, scaling = params.train, params.ray
@@ -271,11 +269,24 @@ def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, 
         source.sam_type, data_dir, size, total_steps, cfg.batch_size, scaling.num_workers, local_batch, run_name, storage,
     )  # fmt: skip
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) or ray.address connects to a cluster; else local.
-        ray.init(address=scaling.address, log_to_driver=True)
+    # Before the first `import ray`: a private Ray must be told to stay on loopback (ray_runtime).
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        init_ray(scaling.address, log_to_driver=True)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    check_resources(
+        num_workers=scaling.num_workers, cpus_per_worker=scaling.cpus_per_worker, use_gpu=scaling.use_gpu
+    )
+    # A single-machine Ray (ours, or the tests'): torch's rendezvous store and gloo on loopback too.
+    torch_config = None
+    if is_loopback_ray() and not scaling.use_gpu:
+        from .ray_loopback import LoopbackTorchConfig
+
+        torch_config = LoopbackTorchConfig()
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=torch_config,
         train_loop_config={
             "params": config_to_dict(params),
             "sam": asdict(source),

@@ -232,7 +232,7 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 1
     storage_path: str | None = None  # None: <repo>/.ray_results (shared storage on clusters)
-    address: str | None = None  # None: local Ray (or RAY_ADDRESS under `ray job submit`)
+    address: str | None = None  # None: RAY_ADDRESS, else a private loopback Ray (pipeline/ray_runtime.py)
 
 
 @dataclass

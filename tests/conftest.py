@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 
-# Offline, quiet, no token auth, Ray Train's result polling fast enough for per-checkpoint
-# reports. Also given to every subprocess the slow tests start (tests/_tiny_project.py).
+# Offline, quiet, Ray Train's result polling fast enough for per-checkpoint reports. Every Ray a
+# test starts (ray.init, `ray start --head`) is on loopback only (Ray's single-machine mode), so
+# token auth stays off for it. Also given to every subprocess the slow tests start.
 TEST_ENVIRONMENT = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
@@ -16,6 +17,7 @@ TEST_ENVIRONMENT = {
     "ITERATIVE_DO_NOT_TRACK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "TQDM_DISABLE": "1",

@@ -17,6 +17,7 @@ It needs the same number of workers: another worker count shards the batches dif
 from __future__ import annotations
 
 import csv
+import ipaddress
 import json
 import re
 import shutil
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from _tiny_project import (
@@ -392,6 +394,58 @@ def test_killed_job_restarts_from_its_last_checkpoint(inputs, uninterrupted, tmp
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert [int(n) for n in RESUMED.findall(log)] == [killed_at], log[-4000:]
     _assert_same_run(paths, uninterrupted)
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def _listening_sockets(root: psutil.Process) -> list[tuple[str, str, int]]:
+    """(process name, ip, port) of every listening TCP socket of ``root`` and its descendants."""
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_the_stages_own_ray_listens_on_loopback_only(inputs, tmp_path):
+    """The local Ray the stage starts (no cluster named) accepts no connection from other machines.
+
+    The stage runs as `dvc repro` runs it, without the tests' Ray settings: it must put its Ray on
+    loopback (and leave token auth off) by itself. Every listening socket of the stage's process
+    tree is sampled while it trains.
+    """
+    occluded, base, _ = inputs
+    paths = train_paths(tmp_path, occluded, base)
+    overrides = [*TINY_TRAIN_OVERRIDES, "train.steps=24", f"ray.storage_path={tmp_path / 'ray'}"]
+    cmd = [sys.executable, "-m", "pipeline.train", *train_cli_args(paths, overrides)]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))
+    env = subprocess_env(RAY_TMPDIR=str(ray_tmp))
+    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE"):
+        env.pop(key)
+    stage = _start(cmd, tmp_path / "stage.log", env, REPO)
+    sockets: set[tuple[str, str, int]] = set()
+    try:
+        root = psutil.Process(stage.pid)
+        while stage.poll() is None:
+            sockets.update(_listening_sockets(root))
+            time.sleep(0.5)
+    finally:
+        stop_process_tree(stage, extra_fragment=str(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    log = (tmp_path / "stage.log").read_text()
+    assert stage.returncode == 0, log[-4000:]
+    assert json.loads(paths.metrics.read_text())["steps"] == 24
+    ray_sockets = {s for s in sockets if s[0] in ("gcs_server", "raylet") or s[0].startswith("ray::")}
+    assert ray_sockets, f"no Ray server socket was seen: {sorted(sockets)}"
+    exposed = sorted(s for s in sockets if not _is_loopback(s[1]))
+    assert not exposed, f"listening on non-loopback addresses: {exposed}"
 
 
 def _http_ok(url: str) -> bool:

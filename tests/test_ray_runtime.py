@@ -1,0 +1,42 @@
+"""Where the train stage's Ray comes from, and the checks made before Ray Train starts (no Ray here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.ray_runtime import RayResourceError, _is_loopback, check_resources, wants_cluster
+
+
+@pytest.mark.parametrize(
+    ("address", "environ", "expected"),
+    [
+        (None, {}, False),
+        (None, {"RAY_ADDRESS": "http://head:8265"}, True),
+        ("auto", {}, True),
+        ("ray://head:10001", {}, True),
+    ],
+)
+def test_a_cluster_is_used_only_when_named(address, environ, expected):
+    assert wants_cluster(address, environ) is expected
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("127.0.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True), ("192.0.2.2", False), ("::", False)],
+)
+def test_loopback_addresses(address, loopback):
+    assert _is_loopback(address) is loopback
+
+
+def test_missing_gpus_are_named_before_ray_train_waits_for_them():
+    with pytest.raises(RayResourceError, match=r"GPU: 8 needed, 2 in the cluster"):
+        check_resources(num_workers=8, cpus_per_worker=1, use_gpu=True, available={"CPU": 64, "GPU": 2})
+
+
+def test_missing_cpus_are_named():
+    with pytest.raises(RayResourceError, match=r"CPU: 4 needed, 2 in the cluster.*ray.num_workers"):
+        check_resources(num_workers=2, cpus_per_worker=2, use_gpu=False, available={"CPU": 2})
+
+
+def test_enough_resources_pass():
+    check_resources(num_workers=2, cpus_per_worker=1, use_gpu=False, available={"CPU": 2.0})
