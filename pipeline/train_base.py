@@ -1,22 +1,22 @@
-"""Stage ``train_base``: the SAM the plug-ins attach to.
+"""Stage ``pretrain`` of ``base/dvc.yaml``: the small base SAM, pretrained once and released.
 
-- ``sam.type`` official (vit_b/l/h): nothing is trained; the official checkpoint (``sam.checkpoint``
-  or the one the fetch stage verified) is hashed and named in ``models/base/sam.json``.
-- ``sam.type`` small/tiny with ``sam.checkpoint`` set: that checkpoint is used as is.
-- ``sam.type`` small/tiny without a checkpoint (the embedded default): a small SAM is trained
-  from scratch on the embedded training split the way SAM was trained, with precise prompts
-  only (tight boxes, several clicks, correction clicks), so that, like SAM, it is good with
-  precise prompts and brittle with loose ones. Interrupted runs resume from ``.stage_state``.
+Like Meta's SAM, the base that the default pipeline's plug-ins attach to is trained outside
+that pipeline, on its own data (a generated ``pretrain`` split, disjoint from the embedded
+train/val splits), with precise prompts only: SAM's jittered GT boxes, several clicks, single
+clicks through the multimask outputs, and correction clicks with the previous mask fed back.
+So, like SAM, it is good with precise prompts and brittle with loose ones. The result is
+released with ``make release-base`` (fp16 copy + model card in ``base/release/``, sha256 pinned in
+params.yaml's ``sam.sha256``); the default ``dvc repro`` verifies and uses that file.
+Interrupted runs resume from ``.stage_state`` (model, optimiser, scheduler, step).
 
-    python -m pipeline.train_base --raw data/raw --out models/base \\
-        --metrics metrics/train_base.json --plot plots/train_base.csv
+    python -m pipeline.train_base --data data/base/pretrain --out models/pretrained \
+        --metrics metrics/pretrain.json --plot plots/pretrain.csv
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from stable_sam.build import OFFICIAL_SAM_TYPES, SMALL_SAM_SPECS, build_sam, file_sha256
+from stable_sam.build import SMALL_SAM_SPECS, build_sam, file_sha256
 from stable_sam.checkpoint import atomic_torch_save
-from stable_sam.config import Params, PluginConfig, config_to_dict
+from stable_sam.config import BaseTrainConfig, Params, PluginConfig, config_to_dict
+from stable_sam.data import open_dataset
 from stable_sam.modeling import StableSam
 from stable_sam.training import (
     AugmentedPromptDataset,
@@ -39,9 +40,8 @@ from stable_sam.training import (
 )
 
 from .params import load_params, stage_argument_parser
-from .raw_data import read_raw_manifest
 from .run_state import TRAINING_CODE, run_fingerprint, state_dir
-from .sam_source import SamSource, write_json_atomic, write_sam_source
+from .sam_source import write_json_atomic
 
 __all__ = ["TrainBasePaths", "main", "run"]
 
@@ -50,77 +50,58 @@ logger = logging.getLogger("pipeline.train_base")
 
 @dataclass(frozen=True)
 class TrainBasePaths:
-    raw: Path
-    out: Path
+    data: Path  # the pretraining split (HQSeg layout + instances/)
+    out: Path  # models/pretrained: sam_<type>.pth
     metrics: Path
     plot: Path
 
 
-def _learning_rate(step: int, *, base: float, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 5 % of the base rate."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _official_source(params: Params, paths: TrainBasePaths) -> SamSource:
-    if params.sam.checkpoint:
-        path = Path(params.sam.checkpoint).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"sam.checkpoint: {path} does not exist")
-        # The builder rejects a checkpoint of another type with a message naming both.
-        build_sam(params.sam.type, path)
-        return SamSource(params.sam.type, str(path), file_sha256(path), "user")
-    path, sha = read_raw_manifest(paths.raw).require_checkpoint(params.sam.type)
-    return SamSource(params.sam.type, str(Path(path).resolve()), sha, "official")
+def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, floor: float = 0.02):
+    """Linear warm-up from 1 % of the rate, then cosine decay to ``floor`` x the rate (torch's own)."""
+    warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=max(1, warmup))
+    base = optimizer.param_groups[0]["lr"]
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, total - warmup), eta_min=floor * base
+    )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[max(1, warmup)])
 
 
 def run(params: Params, paths: TrainBasePaths, *, tracker: Any = None) -> dict[str, Any]:
-    """Resolve or train the base SAM; write ``<out>/sam.json`` (+ the trained checkpoint)."""
-    paths.out.mkdir(parents=True, exist_ok=True)
-    sam_type = params.sam.type
-    if sam_type in OFFICIAL_SAM_TYPES or params.sam.checkpoint:
-        source = _official_source(params, paths)
-        write_sam_source(paths.out, source)
-        metrics = {"trained": 0, "sam_type": sam_type, "origin": source.origin}
-        _write_outputs(paths, metrics, history=[])
-        logger.info(
-            "using the %s SAM checkpoint %s (sha256 %s): nothing to train",
-            sam_type,
-            source.checkpoint,
-            source.sha256,
+    """Pretrain the small base SAM named by ``sam.type``; write ``<out>/sam_<type>.pth`` and metrics."""
+    if params.sam.type not in SMALL_SAM_SPECS:
+        raise ValueError(
+            f"sam.type={params.sam.type!r}: only the small configurations {sorted(SMALL_SAM_SPECS)} are "
+            "pretrained here; official SAMs come from Meta's checkpoints"
         )
-        return metrics
-    if sam_type not in SMALL_SAM_SPECS:
-        raise ValueError(f"sam.type={sam_type!r} is neither official nor a small configuration")
     return _train(params, paths, tracker=tracker)
 
 
-def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, Any]:
-    cfg = params.base
-    raw = read_raw_manifest(paths.raw)
-    dataset_name = params.data.train[0]
-    source = raw.open_dataset(dataset_name, split="train")
-    spec = SMALL_SAM_SPECS[params.sam.type]
-    dataset = AugmentedPromptDataset(
-        source,
-        image_size=spec.img_size,
+def _dataset(cfg: BaseTrainConfig, sam_type: str, data: Path) -> AugmentedPromptDataset:
+    return AugmentedPromptDataset(
+        open_dataset(str(data), split="train"),
+        image_size=SMALL_SAM_SPECS[sam_type].img_size,
         prompt_sampler=precise_prompt_sampler(
-            point_counts=cfg.point_counts, box_probability=cfg.box_probability
+            point_counts=cfg.point_counts, box_probability=cfg.box_probability, box_jitter=cfg.box_jitter
         ),
         seed=cfg.seed,
         lsj=True,
         lsj_scale=(cfg.lsj_min_scale, cfg.lsj_max_scale),
-        hflip_probability=params.data.hflip_probability,
+        hflip_probability=0.5,
         targets="instances",
     )
+
+
+def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, Any]:
+    cfg = params.base
+    torch.set_num_threads(cfg.threads)
+    paths.out.mkdir(parents=True, exist_ok=True)
+    dataset = _dataset(cfg, params.sam.type, paths.data)
+    manifest = paths.data / "instances.json"
     fingerprint = run_fingerprint(
         "train_base",
         params.sam.type,
-        config_to_dict(cfg),
-        params.data.train,
-        file_sha256(paths.raw / "manifest.json"),
+        {k: v for k, v in config_to_dict(cfg).items() if k not in ("log_every", "threads")},
+        file_sha256(manifest),
         code=(*TRAINING_CODE, "pipeline/train_base.py"),
     )
     resume_dir = state_dir("train_base", fingerprint)
@@ -134,11 +115,13 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
     model.sam.requires_grad_(True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, warmup=cfg.warmup_steps, total=cfg.steps)
     start_step, history = 0, []
     if resume_file.is_file():
         state = torch.load(resume_file, map_location="cpu", weights_only=True)
         model.sam.load_state_dict(state["sam"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         start_step, history = int(state["step"]), list(state["history"])
         logger.info("resuming train_base from step %d (%s)", start_step, resume_file)
 
@@ -164,15 +147,14 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
     )
     step = start_step
     for step, batch in enumerate(loader, start=start_step):
-        lr = _learning_rate(step, base=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = scheduler.get_last_lr()[0]
         terms = sam_training_step(
             model, batch, correction_clicks=cfg.correction_clicks, iou_loss_weight=cfg.iou_loss_weight
         )
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
+        scheduler.step()
         images_seen += len(batch.names)
         terms = {k: v.detach() for k, v in terms.items()}
         row = {"step": step + 1, "lr": lr, **{k: float(v) for k, v in terms.items()}}
@@ -195,6 +177,7 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
                 {
                     "sam": model.sam.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
                     "step": step + 1,
                     "history": history,
                 },
@@ -207,8 +190,7 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
     checkpoint = paths.out / f"sam_{params.sam.type}.pth"
     atomic_torch_save(model.sam.state_dict(), checkpoint)
     # Round trip through the same strict loader as an official checkpoint.
-    _, sha = build_sam(params.sam.type, checkpoint)
-    write_sam_source(paths.out, SamSource(params.sam.type, str(checkpoint), sha, "trained"))
+    build_sam(params.sam.type, checkpoint)
     elapsed = time.perf_counter() - started
     last = history[-min(len(history), 20) :] if history else []
     metrics = {
@@ -217,14 +199,15 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
         "steps": cfg.steps,
         "parameters": sum(p.numel() for p in model.sam.parameters()),
         "final_loss": sum(r["total"] for r in last) / max(1, len(last)),
-        "train_seconds": round(elapsed, 1),
+        "train_seconds": round(elapsed, 1),  # this invocation's (a resumed run adds up its parts)
+        "images": len(dataset),
         "images_per_s": round(images_seen / elapsed, 2) if images_seen else None,
         "resumed_from_step": start_step,
     }
     _write_outputs(paths, metrics, history)
     if tracker is not None:
         tracker.log_metrics_series(history, step_key="step")
-        tracker.log_dataset(raw.dataset_root(dataset_name), name=f"{dataset_name}-train", context="training")
+        tracker.log_dataset(paths.data, name="embedded-pretrain", context="training")
         tracker.log_artifact(checkpoint, artifact_path="base_model")
     if resume_file.is_file():
         resume_file.unlink()
@@ -245,17 +228,17 @@ def _write_outputs(paths: TrainBasePaths, metrics: dict[str, Any], history: list
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = stage_argument_parser(__doc__.split("\n")[0])
-    parser.add_argument("--raw", type=Path, required=True, help="raw data folder (fetch stage output)")
-    parser.add_argument("--out", type=Path, required=True, help="base model folder (sam.json + checkpoint)")
+    parser.add_argument("--data", type=Path, required=True, help="pretraining split (base/dvc.yaml: data)")
+    parser.add_argument("--out", type=Path, required=True, help="folder of the pretrained checkpoint")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plot", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)
-    paths = TrainBasePaths(raw=args.raw, out=args.out, metrics=args.metrics, plot=args.plot)
+    paths = TrainBasePaths(data=args.data, out=args.out, metrics=args.metrics, plot=args.plot)
     from .tracking import stage_run
 
-    with stage_run("train_base", params, params_path=Path(args.params)) as tracker:
+    with stage_run("pretrain_base", params, params_path=Path(args.params)) as tracker:
         metrics = run(params, paths, tracker=tracker)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.log_artifact(paths.metrics, artifact_path="metrics")

@@ -95,9 +95,11 @@ class SamConfig:
     # "vit_b", "vit_l", "vit_h" (official architectures) or "small" / "tiny" (small
     # configurations built from segment-anything's classes; see stable_sam.build).
     type: str = "small"
-    # Path to an official SAM checkpoint. None: the embedded default trains its own base model
-    # (stage train_base) for "small"; tests use random weights.
+    # A SAM checkpoint: official (vit_*) or the released small base (base/release/). None: the
+    # fetched official checkpoint (vit_*); tests use random weights.
     checkpoint: str | None = None
+    # The checkpoint's pinned sha256 (the released base's); checked by the base stage. None: not pinned.
+    sha256: str | None = None
 
 
 @dataclass
@@ -183,22 +185,27 @@ class PromptMixConfig:
 
 @dataclass
 class BaseTrainConfig:
-    """Training the small base SAM of the embedded default (precise prompts only, like SAM)."""
+    """Pretraining the released small base SAM (base/dvc.yaml; precise prompts only, like SAM)."""
 
-    steps: int = 1500
+    steps: int = 14000
     batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    # Precise prompts only: a tight GT box or several clicks, then SAM-style correction clicks.
-    point_counts: list[int] = field(default_factory=lambda: [3, 5, 10])
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    # Its own generated split (like SA-1B for SAM), disjoint from the embedded train/val splits.
+    num_images: int = 8000
+    # Precise prompts only: SAM's jittered GT box (std = box_jitter x side) or k clicks (a single
+    # click through the multimask outputs), then SAM-style correction clicks.
+    point_counts: list[int] = field(default_factory=lambda: [1, 2, 3, 5, 10])
     box_probability: float = 0.5
+    box_jitter: float = 0.05
     correction_clicks: int = 1
     iou_loss_weight: float = 1.0
     lsj_min_scale: float = 0.5
     lsj_max_scale: float = 1.5
     checkpoint_every: int = 100
     log_every: int = 25
+    threads: int = 1
     seed: int = 0
 
 

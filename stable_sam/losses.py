@@ -18,6 +18,7 @@ __all__ = [
     "dense_mask_loss",
     "dice_loss",
     "mask_loss",
+    "per_mask_losses",
     "point_sample",
     "sigmoid_bce_loss",
     "uncertain_point_coords",
@@ -211,6 +212,32 @@ def dense_mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, to
     probs, flat = upsampled.sigmoid().flatten(1), targets.flatten(1)
     dice = (1 - (2 * (probs * flat).sum(1) + 1) / (probs.sum(1) + flat.sum(1) + 1)).mean()
     return {"bce": bce, "dice": dice, "total": bce + dice}
+
+
+def per_mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Dense BCE and dice of each of M candidate masks against its target (SAM's multimask loss).
+
+    Arguments:
+      logits (torch.Tensor): T x M x h x w mask logits (M = 1, or SAM's 3 multimask outputs).
+      targets (torch.Tensor): T x 1 x H x W float in [0, 1] or bool.
+
+    Returns:
+      (dict[str, torch.Tensor]): "bce" and "dice", each T x M (mean over pixels / per mask), so
+      that a caller can take the best of the M candidates per target before averaging.
+    """
+    if logits.dim() != 4 or logits.shape[0] == 0:
+        raise ValueError(f"logits must be T x M x h x w with T >= 1, got shape {tuple(logits.shape)}")
+    if targets.dim() != 4 or targets.shape[1] != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"targets must be T x 1 x H x W with T = {logits.shape[0]} (as logits), got shape {tuple(targets.shape)}"
+        )
+    targets = targets.to(logits.dtype)
+    upsampled = F.interpolate(logits, targets.shape[-2:], mode="bilinear", align_corners=False)
+    expanded = targets.expand_as(upsampled)
+    bce = F.binary_cross_entropy_with_logits(upsampled, expanded, reduction="none").flatten(2).mean(2)
+    probs, flat = upsampled.sigmoid().flatten(2), expanded.flatten(2)
+    dice = 1 - (2 * (probs * flat).sum(2) + 1) / (probs.sum(2) + flat.sum(2) + 1)
+    return {"bce": bce, "dice": dice}
 
 
 def _checked_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

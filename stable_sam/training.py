@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .config import PromptMixConfig
 from .data import Sample, large_scale_jitter
-from .losses import dense_mask_loss, mask_loss
+from .losses import mask_loss, per_mask_losses
 from .modeling.stable_sam import PromptTensors, StableSam
 from .prompts import Prompt, box_from_mask, draw_training_prompt, oracle_point, random_points
 
@@ -36,6 +36,7 @@ __all__ = [
     "collate_training",
     "correction_round",
     "iou_head_targets",
+    "jittered_box",
     "precise_prompt_sampler",
     "robust_prompt_sampler",
     "sam_training_step",
@@ -86,16 +87,42 @@ def robust_prompt_sampler(mix: PromptMixConfig, *, mask_input_size: tuple[int, i
     return sample
 
 
-def precise_prompt_sampler(*, point_counts: Sequence[int], box_probability: float) -> PromptSampler:
-    """Precise prompts only, as SAM is trained: tight GT boxes, or k positive clicks per target."""
+def jittered_box(mask: np.ndarray, *, generator: np.random.Generator, jitter: float) -> np.ndarray:
+    """SAM's training box: the tight box with each coordinate moved by N(0, jitter x side).
+
+    SAM adds noise of std 10 % of the box side (at most 20 px at 1024) to its training boxes; the
+    shift here is clipped at 2 std and to the image. ``jitter=0`` gives the tight box.
+    """
+    box = box_from_mask(mask).astype(np.float64)
+    side = np.array([box[2] - box[0] + 1, box[3] - box[1] + 1] * 2)
+    shift = np.clip(generator.normal(0.0, jitter, 4), -2 * jitter, 2 * jitter) * side if jitter > 0 else 0.0
+    h, w = mask.shape
+    x0, y0, x1, y1 = np.clip(box + shift, 0, [w - 1, h - 1, w - 1, h - 1])
+    return np.array([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], dtype=np.float32)
+
+
+def precise_prompt_sampler(
+    *, point_counts: Sequence[int], box_probability: float, box_jitter: float = 0.0
+) -> PromptSampler:
+    """Precise prompts only, as SAM is trained: GT boxes with SAM's small jitter, or k positive clicks.
+
+    A single click is ambiguous: :func:`sam_training_step` supervises it through SAM's three
+    multimask outputs (the best one takes the loss), as SAM does, so mask token 0 only ever
+    learns from unambiguous prompts.
+    """
     if not 0.0 <= box_probability <= 1.0:
         raise ValueError(f"box_probability must lie in [0, 1], got {box_probability}")
     if not point_counts or min(point_counts) < 1:
         raise ValueError(f"point_counts must be positive integers, got {list(point_counts)}")
+    if box_jitter < 0:
+        raise ValueError(f"box_jitter must be >= 0, got {box_jitter}")
 
     def sample(masks: Sequence[np.ndarray], generator: np.random.Generator) -> list[Prompt]:
         if generator.random() < box_probability:
-            return [Prompt(kind="gt_box", box=box_from_mask(m)) for m in masks]
+            return [
+                Prompt(kind="gt_box", box=jittered_box(m, generator=generator, jitter=box_jitter))
+                for m in masks
+            ]
         k = int(generator.choice(point_counts))
         return [
             Prompt(
@@ -443,14 +470,26 @@ def correction_round(
 
 
 def iou_head_targets(low_res_logits: Tensor, targets: Tensor) -> Tensor:
-    """The IoU of each binarised prediction with its target (T,), for training SAM's IoU head."""
+    """The IoU of each binarised prediction with its target, for training SAM's IoU head.
+
+    low_res_logits: T x M x h x w (M outputs per target); targets: T x 1 x H x W. Returns T x M.
+    """
     pred = (
         F.interpolate(low_res_logits.detach(), targets.shape[-2:], mode="bilinear", align_corners=False) > 0
     )
     truth = targets > 0.5
-    intersection = (pred & truth).flatten(1).sum(1).float()
-    union = (pred | truth).flatten(1).sum(1).float()
+    intersection = (pred & truth).flatten(2).sum(2).float()
+    union = (pred | truth).flatten(2).sum(2).float()
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.zeros_like(union))
+
+
+def _is_single_click(prompt: Prompt) -> bool:
+    return (
+        prompt.box is None
+        and prompt.mask_input is None
+        and prompt.point_coords is not None
+        and len(prompt.point_coords) == 1
+    )
 
 
 def sam_training_step(
@@ -465,8 +504,10 @@ def sam_training_step(
     Each image's precise prompts are decoded (all its targets in one decoder call), then
     ``correction_clicks`` interactive rounds each add the RITM oracle click on the remaining error
     and feed the previous logits back as the mask input (SAM's iterative training, shortened).
-    Every round is supervised with dense BCE + dice on mask token 0, and the IoU head regresses
-    the IoU of its own prediction (MSE). The encoder runs with gradients, once per batch.
+    Every round is supervised with dense BCE + dice per target: an ambiguous single click through
+    SAM's three multimask outputs, of which only the best takes the loss (SAM's rule), every other
+    prompt through mask token 0. The IoU head regresses the IoU of each of its predictions (MSE).
+    The encoder runs with gradients, once per batch.
 
     Args:
       model: a :class:`StableSam` without plug-ins whose SAM parameters were unfrozen.
@@ -481,16 +522,40 @@ def sam_training_step(
     rounds = 1 + max(0, correction_clicks)
     sums: dict[str, Tensor] = {}
     for round_index in range(rounds):
-        out = model([PromptTensors.stack(p, device) for p in prompts], image_embeddings=embeddings)
-        terms = dense_mask_loss(out.low_res_logits, batch.targets)
-        terms["iou_mse"] = F.mse_loss(
-            out.iou_predictions[:, 0], iou_head_targets(out.low_res_logits, batch.targets)
+        terms, chosen, offset = [], [], 0
+        for i, image_prompts in enumerate(prompts):
+            targets = batch.targets[offset : offset + len(image_prompts)]
+            offset += len(image_prompts)
+            out = model.decode(
+                embeddings[i : i + 1],
+                PromptTensors.stack(image_prompts, device),
+                multimask_output=_is_single_click(image_prompts[0]),
+            )
+            per_output = per_mask_losses(out.low_res_logits, targets)  # P x M each
+            best = (per_output["bce"] + per_output["dice"]).argmin(dim=1, keepdim=True)
+            iou_mse = F.mse_loss(
+                out.iou_predictions, iou_head_targets(out.low_res_logits, targets), reduction="none"
+            ).mean(dim=1)
+            terms.append(
+                {
+                    "bce": per_output["bce"].gather(1, best)[:, 0],
+                    "dice": per_output["dice"].gather(1, best)[:, 0],
+                    "iou_mse": iou_mse,
+                }
+            )
+            chosen.append(
+                out.low_res_logits.gather(
+                    1, best[..., None, None].expand(-1, 1, *out.low_res_logits.shape[-2:])
+                )
+            )
+        round_terms = {k: torch.cat([t[k] for t in terms]).mean() for k in ("bce", "dice", "iou_mse")}
+        round_terms["total"] = (
+            round_terms["bce"] + round_terms["dice"] + iou_loss_weight * round_terms["iou_mse"]
         )
-        terms["total"] = terms["total"] + iou_loss_weight * terms["iou_mse"]
-        for key, value in terms.items():
+        for key, value in round_terms.items():
             sums[key] = sums.get(key, 0.0) + value / rounds
         if round_index + 1 < rounds:
             prompts = correction_round(
-                prompts, out.low_res_logits, batch.targets, image_size=batch.images.shape[-1]
+                prompts, torch.cat(chosen), batch.targets, image_size=batch.images.shape[-1]
             )
     return sums
