@@ -187,7 +187,7 @@ class PromptMixConfig:
 class BaseTrainConfig:
     """Pretraining the released small base SAM (base/dvc.yaml; precise prompts only, like SAM)."""
 
-    steps: int = 14000
+    steps: int = 7000
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.05
