@@ -20,7 +20,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.2
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-.PHONY: setup repro test test-fast lint format bench clean-env
+.PHONY: setup repro base release-base test test-fast lint format bench clean-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ setup: $(BIN)/.installed
 repro: setup
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
+
+# The released base SAM's own pipeline (hours on 2 CPU cores; resumable), then its release into
+# base/release/ (committed; pin the printed sha256 as sam.sha256 in params.yaml).
+base: setup
+	$(BIN)/dvc repro base/dvc.yaml
+	$(BIN)/dvc metrics show metrics/pretrain.json metrics/base_eval.json
+
+release-base: setup
+	$(BIN)/python -m pipeline.release_base
 
 # Everything, slow end-to-end tests included (this is what CI runs).
 test: setup

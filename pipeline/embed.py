@@ -156,7 +156,7 @@ def sam_model(
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     if model.sam_checkpoint_sha256 != source.sha256:
-        raise RuntimeError(f"{source.checkpoint} changed since train_base hashed it ({source.sha256})")
+        raise RuntimeError(f"{source.checkpoint} changed since the base stage hashed it ({source.sha256})")
     return model.eval()
 
 

@@ -1,8 +1,8 @@
-"""Which SAM checkpoint the pipeline runs on: the pointer written by the ``train_base`` stage.
+"""Which SAM checkpoint the pipeline runs on: the pointer written by the ``base`` stage.
 
 ``models/base/sam.json`` names the SAM type, the checkpoint file and its sha256, whether it is an
-official checkpoint (fetched or given by the user) or the small base model the embedded default
-trains. Every later stage resolves its SAM through it, so DVC sees one dependency
+official checkpoint (fetched or given by the user) or the project's released small base
+(``base/release/``, pretrained by ``base/dvc.yaml``). Every later stage resolves its SAM through it, so DVC sees one dependency
 (``models/base``) whatever the source, and a changed checkpoint changes that dependency's hash.
 """
 
@@ -27,7 +27,8 @@ class SamSource:
       sam_type: "vit_b", "vit_l", "vit_h", "small" or "tiny".
       checkpoint: absolute path of the state-dict file.
       sha256: its sha256 (verified when the pointer was written).
-      origin: "trained" (base stage), "official" (fetched/verified) or "user" (sam.checkpoint).
+      origin: "released" (the project's pinned base), "official" (fetched/verified) or "user"
+        (sam.checkpoint without a pinned sha256).
     """
 
     sam_type: str
@@ -51,13 +52,15 @@ def write_json_atomic(path: str | Path, content: dict) -> None:
         raise
 
 
-def write_sam_source(base_dir: str | Path, source: SamSource) -> Path:
-    """Write the pointer; a checkpoint inside ``base_dir`` is stored relative to it (portable)."""
+def write_sam_source(base_dir: str | Path, source: SamSource, *, root: str | Path | None = None) -> Path:
+    """Write the pointer. A checkpoint inside ``base_dir``, or inside ``root`` (the checkout: the
+    released base), is stored relative to ``base_dir``, so the pointer is the same in every clone."""
     base_dir = Path(base_dir)
     content = asdict(source)
     checkpoint = Path(source.checkpoint).resolve()
-    if checkpoint.is_relative_to(base_dir.resolve()):
-        content["checkpoint"] = str(checkpoint.relative_to(base_dir.resolve()))
+    inside = [Path(base_dir).resolve(), *([Path(root).resolve()] if root is not None else [])]
+    if any(checkpoint.is_relative_to(folder) for folder in inside):
+        content["checkpoint"] = os.path.relpath(checkpoint, base_dir.resolve())
     write_json_atomic(base_dir / POINTER_NAME, content)
     return base_dir / POINTER_NAME
 
@@ -66,11 +69,11 @@ def read_sam_source(base_dir: str | Path) -> SamSource:
     """Read ``<base_dir>/sam.json``; errors say which stage produces it."""
     pointer = Path(base_dir) / POINTER_NAME
     if not pointer.is_file():
-        raise FileNotFoundError(f"{pointer} not found: run the train_base stage first (dvc repro train_base)")
+        raise FileNotFoundError(f"{pointer} not found: run the base stage first (dvc repro base)")
     content = json.loads(pointer.read_text())
     checkpoint = Path(content["checkpoint"])
     if not checkpoint.is_absolute():
-        checkpoint = Path(base_dir).resolve() / checkpoint
+        checkpoint = (Path(base_dir).resolve() / checkpoint).resolve()
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{pointer} names the SAM checkpoint {checkpoint}, which does not exist")
     return SamSource(

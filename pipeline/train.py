@@ -110,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tuning=params.tuning,
     )
     if model.sam_checkpoint_sha256 != source.sha256:
-        raise RuntimeError(f"{source.checkpoint} changed since train_base hashed it ({source.sha256})")
+        raise RuntimeError(f"{source.checkpoint} changed since the base stage hashed it ({source.sha256})")
     model.train()
     # Only the trainable tensors take part in DDP: the frozen SAM is neither broadcast nor reduced.
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [
@@ -367,7 +367,7 @@ def _write_curve(path: Path, history: list[dict[str, float]]) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = stage_argument_parser(__doc__.split("\n")[0])
     for name, help_text in [
-        ("--base", "base model folder (train_base output)"),
+        ("--base", "base model folder (base stage output)"),
         ("--raw", "raw data folder (fetch output)"),
         ("--occluded", "occlusion-synthesised training set (synthesize output)"),
         ("--out", "where plugin.pt goes"),

@@ -51,6 +51,7 @@ __all__ = [
     "generate_scene",
     "generate_split",
     "scene_generator",
+    "target_families",
 ]
 
 logger = logging.getLogger(__name__)
@@ -458,6 +459,15 @@ def _coco_annotations(scene: Scene, image_id: int, first_id: int) -> list[dict]:
             }
         )
     return anns
+
+
+def target_families(split_dir: str | Path) -> dict[str, str]:
+    """{image stem: shape family of its gt/ target} from a split's ``instances.json``."""
+    coco = json.loads((Path(split_dir) / "instances.json").read_text())
+    family = {(a["image_id"], a["z_order"]): CATEGORIES[a["category_id"] - 1] for a in coco["annotations"]}
+    return {
+        im["file_name"].rsplit(".", 1)[0]: family[(im["id"], im["target_instance"])] for im in coco["images"]
+    }
 
 
 def generate_split(

@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 import yaml
-from _tiny_project import REPO, kill_pids, pids_with_cmdline, subprocess_env
+from _tiny_project import REPO, kill_pids, pids_with_cmdline, random_tiny_sam_checkpoint, subprocess_env
+
+from stable_sam.build import file_sha256
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +41,6 @@ TINY_PARAMS: dict[str, Any] = {
     "embedded.image_size": 64,
     "embedded.max_objects": 3,
     "occlusion.num_examples": 2,
-    "base.steps": 20,
-    "base.batch_size": 4,
-    "base.warmup_steps": 5,
-    "base.checkpoint_every": 10,
-    "base.log_every": 10,
     "train.steps": 8,
     "train.batch_size": 4,
     "train.num_points_loss": 256,
@@ -62,9 +59,7 @@ TINY_PARAMS: dict[str, Any] = {
     "ablate.alpha1_point_counts": [1],
     "ablate.seeds": [0],
 }
-REQUIRED = {
-    k for k in TINY_PARAMS if k.split(".")[0] in ("sam", "embedded", "base", "train", "ray", "tracking")
-}
+REQUIRED = {k for k in TINY_PARAMS if k.split(".")[0] in ("sam", "embedded", "train", "ray", "tracking")}
 RAN = re.compile(r"Running stage '([^']+)'")
 
 
@@ -141,13 +136,17 @@ def repo(tmp_path):
     params = yaml.safe_load(params_file.read_text())
     missing = sorted(k for k, v in TINY_PARAMS.items() if not _set(params, k, v) and k in REQUIRED)
     assert not missing, f"params.yaml lacks {missing}"
+    # The released base, at tiny size: a committed checkpoint whose sha256 params pin.
+    released = random_tiny_sam_checkpoint(root / "base" / "release" / "sam_tiny.pth")
+    assert _set(params, "sam.checkpoint", "base/release/sam_tiny.pth")
+    assert _set(params, "sam.sha256", file_sha256(released))
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     # A private Ray temp dir (short: socket paths): the train stage starts its own Ray there,
     # never joins another instance on the machine, and is found by its path afterwards.
     ray_tmp = Path(tempfile.mkdtemp(prefix="re", dir="/tmp"))
     # One torch thread per stage process: the tiny models gain nothing from two, and on a
     # machine whose cores are busy with other work, two spinning OpenMP threads per process slow
-    # train_base down by more than 10x (measured here: 0.3 instead of 30 images/s).
+    # training down by more than 10x (measured here: 0.3 instead of 30 images/s).
     env = subprocess_env(RAY_TMPDIR=str(ray_tmp), OMP_NUM_THREADS="1")
     env.pop("STABLE_SAM_FAIL_ONCE_AT_STEP", None)
     repo = Repo(root, env)
@@ -167,7 +166,7 @@ def repo(tmp_path):
 
 def test_dvc_repro_end_to_end_then_nothing_then_an_experiment(repo):
     stages = yaml.safe_load((repo.root / "dvc.yaml").read_text())["stages"]
-    assert {"fetch", "synthesize", "train_base", "train"} <= set(stages)
+    assert {"fetch", "synthesize", "base", "train"} <= set(stages)
 
     output = repo.dvc("repro", label="dvc repro (first)")
     ran = first_ran = set(RAN.findall(output))
@@ -195,7 +194,7 @@ def test_dvc_repro_end_to_end_then_nothing_then_an_experiment(repo):
     ran = exp_ran = set(RAN.findall(output))
     assert "train" in ran, output[-4000:]
     assert ran <= downstream, (ran, downstream)
-    assert not ran & {"fetch", "synthesize", "train_base"}
+    assert not ran & {"fetch", "synthesize", "base"}
     assert yaml.safe_load((repo.root / "params.yaml").read_text())["train"]["lr"] == 0.002
     assert (repo.root / "metrics/train.json").read_text() != before
     assert "train.lr" in repo.dvc("exp", "show", "--no-pager", "--csv", label="dvc exp show")

@@ -1,0 +1,114 @@
+"""Stage ``evaluate`` of ``base/dvc.yaml``: the pretrained base SAM alone, precise vs loose prompts.
+
+Same prompt protocol as the default pipeline's evaluate stage (``eval`` params: prompt kinds,
+draws, seed, noise scale, multimask off), on the embedded validation split, overall and per shape
+family of the target. The base must be strong with precise prompts (GT box, 10 clicks) and, like
+SAM, weak with loose ones (noisy box, one click): ``metrics/base_eval.json`` holds both, and
+``make release-base`` copies them into the model card.
+
+    python -m pipeline.base_eval --model models/pretrained --val data/base/val \\
+        --metrics metrics/base_eval.json --table reports/base_eval.csv
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stable_sam.build import build_sam
+from stable_sam.config import Params, PluginConfig
+from stable_sam.data import open_dataset
+from stable_sam.embedded_dataset import CATEGORIES, target_families
+from stable_sam.evaluation import embed_images, evaluate_prompts, prepare_image, summarize
+from stable_sam.modeling import StableSam
+
+from .params import load_params, stage_argument_parser
+from .sam_source import write_json_atomic
+
+__all__ = ["evaluate_base", "main"]
+
+logger = logging.getLogger("pipeline.base_eval")
+
+
+def evaluate_base(model: StableSam, val: Path, params: Params) -> dict[str, dict[str, dict[str, float]]]:
+    """{"all" | family: {kind: {"miou", "miou_std", "mbiou", "n", ("st")}}} in percent."""
+    cfg = params.eval
+    dataset = open_dataset(str(val), split="val")
+    images = [
+        prepare_image(dataset[i], index=i, resize=params.data.eval_resize, image_size=model.img_size)
+        for i in range(len(dataset))
+    ]
+    embeddings = embed_images(model, images, progress=False)
+    records = evaluate_prompts(
+        model,
+        images,
+        embeddings,
+        kinds=cfg.prompts,
+        draws=cfg.draws,
+        seed=cfg.seed,
+        settings={"sam": contextlib.nullcontext},
+        noise_scale=cfg.noise_scale,
+        min_iou=cfg.min_box_iou,
+        multimask_output=cfg.multimask_output,
+        dataset="embedded",
+        progress=False,
+    )
+    family = target_families(val)
+    out = {"all": summarize(records)["sam"]}
+    for name in CATEGORIES:
+        selected = [r for r in records if family[r["image"]] == name]
+        if selected:
+            out[name] = summarize(selected)["sam"]
+    return out
+
+
+def _write_table(path: Path, results: dict[str, dict[str, dict[str, float]]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kinds = list(results["all"])
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["family", "images", *kinds])
+        for group, by_kind in results.items():
+            writer.writerow([group, by_kind[kinds[0]]["n"], *(f"{by_kind[k]['miou']:.1f}" for k in kinds)])
+    tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = stage_argument_parser(__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="folder with sam_<type>.pth (pretrain)")
+    parser.add_argument("--val", type=Path, required=True, help="the embedded val split (base data stage)")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
+    parser.add_argument("--table", type=Path, required=True, help="per-family mIoU table (CSV)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params, args.overrides)
+    torch.set_num_threads(max(1, params.eval.threads or 1))
+    sam, sha256 = build_sam(params.sam.type, args.model / f"sam_{params.sam.type}.pth")
+    model = StableSam(sam=sam, sam_type=params.sam.type, plugin_config=PluginConfig(variant="none")).eval()
+    results = evaluate_base(model, args.val, params)
+    overall = results["all"]
+    metrics = {
+        kind: {"miou": round(v["miou"], 2), "mbiou": round(v["mbiou"], 2)} for kind, v in overall.items()
+    }
+    metrics["per_family_miou"] = {
+        family: {kind: round(v["miou"], 2) for kind, v in by_kind.items()}
+        for family, by_kind in results.items()
+        if family != "all"
+    }
+    metrics["checkpoint_sha256"] = sha256
+    write_json_atomic(args.metrics, metrics)
+    _write_table(args.table, results)
+    for kind, v in overall.items():
+        logger.info("%-12s mIoU %.1f  mBIoU %.1f", kind, v["miou"], v["mbiou"])
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Release the pretrained base SAM: ``make release-base`` (by hand, like publishing a checkpoint).
+
+Copies ``models/pretrained/sam_<type>.pth`` (base/dvc.yaml's output) into ``base/release/`` in
+fp16 (half the size; the strict loader casts it back to fp32), writes the model card next to it
+from the pipeline's own metrics, and prints the sha256 to pin in params.yaml (``sam.sha256``).
+This is not a DVC stage: its outputs are committed to git, outside the folders DVC owns.
+
+    python -m pipeline.release_base --model models/pretrained --pretrain-metrics metrics/pretrain.json \\
+        --eval-metrics metrics/base_eval.json --table reports/base_eval.csv --out base/release
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from stable_sam.build import SMALL_SAM_SPECS, build_sam, file_sha256
+from stable_sam.checkpoint import atomic_torch_save
+
+from .params import load_params
+
+__all__ = ["main", "release"]
+
+CARD = "MODEL_CARD.md"
+KINDS = ("gt_box", "point_10", "noisy_box", "point_1", "point_3", "oracle_point")
+
+
+def _git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    return result.stdout.strip() or "unknown"
+
+
+def _card(sam_type: str, file: Path, sha: str, train: dict, evaluation: dict, table: Path, params) -> str:
+    spec = SMALL_SAM_SPECS[sam_type]
+    base = params.base
+    rows = list(csv.reader(table.open()))
+    header, *body = rows
+    lines = [
+        f"# Released base SAM `{sam_type}` (Stable-SAM's miniature of Meta's SAM)",
+        "",
+        "A small SAM built from segment-anything's classes, pretrained from scratch on CPU by",
+        "`dvc repro base/dvc.yaml` and released with `make release-base`. Synthetic data, small model:",
+        "its numbers are not SAM's. It stands in for SAM-L in the offline default.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| file | `{file.name}` (fp16, {file.stat().st_size / 1e6:.2f} MB) |",
+        f"| sha256 | `{sha}` (pinned as `sam.sha256` in params.yaml) |",
+        f"| architecture | ViT encoder {spec.encoder_dim}-d x {spec.encoder_depth} blocks "
+        f"({spec.encoder_heads} heads, patch {spec.patch_size}, window {spec.window_size}), "
+        f"input {spec.img_size} px, {spec.img_size // spec.patch_size}x{spec.img_size // spec.patch_size} "
+        f"embedding; SAM prompt encoder and two-way mask decoder at {spec.prompt_dim}-d |",
+        f"| parameters | {train['parameters']:,} |",
+        f"| data | {train['images']} generated scenes, split `pretrain` of the embedded generator "
+        "(shares no scene with the embedded train/val splits) |",
+        f"| steps | {train['steps']} x batch {base.batch_size} images (all instances of each image), "
+        f"AdamW lr {base.lr}, warm-up {base.warmup_steps} + cosine |",
+        f"| wall time | {train['train_seconds']:.0f} s in the last invocation, {train['images_per_s']} img/s "
+        f"(2 shared CPU cores; resumed from step {train['resumed_from_step']}) |",
+        "| recipe | SAM's: precise prompts only: GT boxes with jitter std "
+        f"{base.box_jitter} x side, {base.point_counts} clicks (one click through the 3 multimask "
+        f"outputs, best one supervised), {base.correction_clicks} correction click(s) with the previous "
+        "mask fed back; dense BCE + dice, IoU head MSE; LSJ "
+        f"{base.lsj_min_scale}-{base.lsj_max_scale} |",
+        f"| code | commit `{_git_commit()}` |",
+        "",
+        "## mIoU on the embedded validation split (the evaluate stage's prompt protocol)",
+        "",
+        "Multimask off (mask token 0), as the default pipeline evaluates; per shape family of the",
+        "target. Precise prompts: GT box, 10 clicks. Loose prompts: noisy box, one click.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in body),
+        "",
+        "Boundary mIoU: "
+        + ", ".join(f"{k} {evaluation[k]['mbiou']:.1f}" for k in KINDS if k in evaluation)
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def release(model: Path, train_metrics: Path, eval_metrics: Path, table: Path, out: Path, params_file: Path):
+    params = load_params(params_file)
+    sam_type = params.sam.type
+    state = torch.load(model / f"sam_{sam_type}.pth", map_location="cpu", weights_only=True)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"sam_{sam_type}.pth"
+    atomic_torch_save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, target)
+    _, sha = build_sam(sam_type, target)  # the strict loader accepts it
+    assert sha == file_sha256(target)
+    card = _card(
+        sam_type, target, sha, json.loads(train_metrics.read_text()), json.loads(eval_metrics.read_text()),
+        table, params,
+    )  # fmt: skip
+    (out / CARD).write_text(card)
+    return target, sha
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--model", type=Path, default=Path("models/pretrained"))
+    parser.add_argument("--pretrain-metrics", type=Path, default=Path("metrics/pretrain.json"))
+    parser.add_argument("--eval-metrics", type=Path, default=Path("metrics/base_eval.json"))
+    parser.add_argument("--table", type=Path, default=Path("reports/base_eval.csv"))
+    parser.add_argument("--out", type=Path, default=Path("base/release"))
+    args = parser.parse_args(argv)
+    target, sha = release(
+        args.model, args.pretrain_metrics, args.eval_metrics, args.table, args.out, args.params
+    )
+    print(f"released {target} ({target.stat().st_size / 1e6:.2f} MB)")
+    print(f"pin it in {args.params}:\n  sam:\n    checkpoint: {target}\n    sha256: {sha}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The released base: its pretraining stage (SAM's recipe, resume), its release, and the base stage
+of the default pipeline that verifies the pinned checkpoint. Tiny SAMs, tiny generated data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from _tiny_project import random_tiny_sam_checkpoint
+
+import pipeline.train_base as train_base
+from pipeline.base import BaseCheckpointError, BasePaths, resolve_base
+from pipeline.base import run as run_base
+from pipeline.base_data import run as run_base_data
+from pipeline.params import load_params
+from pipeline.release_base import release
+from pipeline.sam_source import read_sam_source
+from stable_sam.build import build_sam, file_sha256
+from stable_sam.config import PluginConfig
+from stable_sam.embedded_dataset import CATEGORIES, target_families
+from stable_sam.modeling import StableSam
+from stable_sam.training import (
+    AugmentedPromptDataset,
+    collate_training,
+    precise_prompt_sampler,
+    sam_training_step,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = [
+    "sam.type=tiny",
+    "embedded.image_size=64",
+    "embedded.num_val=4",
+    "embedded.max_objects=3",
+    "base.num_images=8",
+    "base.steps=4",
+    "base.batch_size=2",
+    "base.warmup_steps=1",
+    "base.checkpoint_every=2",
+    "base.log_every=2",
+    "tracking.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def base_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base_data")
+    summary = run_base_data(load_params(str(_params_file()), TINY), out)
+    return out, summary
+
+
+def test_pretraining_split_is_its_own_and_val_matches_the_embedded_one(base_data):
+    out, summary = base_data
+    assert summary["pretrain"]["num_images"] == 8 and summary["val"]["num_images"] == 4
+    assert sorted(p.name for p in (out / "pretrain" / "im").iterdir())[0] == "pretrain_00000.jpg"
+    families = target_families(out / "val")
+    assert len(families) == 4 and set(families.values()) <= set(CATEGORIES)
+
+
+def test_a_single_click_is_supervised_through_the_multimask_outputs(base_data):
+    """One click: the best of SAM's 3 outputs takes the loss, so only those tokens get gradients."""
+    out, _ = base_data
+    torch.manual_seed(0)
+    sam, _ = build_sam("tiny")
+    model = StableSam(sam=sam, sam_type="tiny", plugin_config=PluginConfig(variant="none"))
+    model.sam.requires_grad_(True)
+    from stable_sam.data import open_dataset
+
+    dataset = AugmentedPromptDataset(
+        open_dataset(str(out / "pretrain"), split="train"),
+        image_size=64,
+        prompt_sampler=precise_prompt_sampler(point_counts=[1], box_probability=0.0),
+        seed=0,
+        targets="instances",
+    )
+    batch = collate_training([dataset[0], dataset[1]])
+    terms = sam_training_step(model, batch, correction_clicks=0)
+    terms["total"].backward()
+    heads = model.sam.mask_decoder.output_hypernetworks_mlps
+    grads = [float(sum(p.grad.abs().sum() for p in head.parameters())) for head in heads]
+    assert grads[0] == 0.0, "mask token 0 learnt from an ambiguous single click"
+    assert sum(g > 0 for g in grads[1:]) >= 1
+
+
+def test_pretraining_resumes_to_the_same_weights(base_data, tmp_path, monkeypatch):
+    out, _ = base_data
+    monkeypatch.chdir(tmp_path)  # .stage_state lives under the working directory
+    params = load_params(str(_params_file()), TINY)
+
+    def paths(name):
+        return train_base.TrainBasePaths(
+            data=out / "pretrain",
+            out=tmp_path / name,
+            metrics=tmp_path / f"{name}.json",
+            plot=tmp_path / f"{name}.csv",
+        )
+
+    uninterrupted = train_base.run(params, paths("a"))
+    reference = torch.load(tmp_path / "a" / "sam_tiny.pth", weights_only=True)
+    for state in (tmp_path / ".stage_state").rglob("state.pt"):
+        state.unlink()
+
+    calls = {"n": 0}
+    original = train_base.sam_training_step
+
+    def dies_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_base, "sam_training_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_base.run(params, paths("b"))
+    monkeypatch.setattr(train_base, "sam_training_step", original)
+    resumed = train_base.run(params, paths("b"))
+    assert resumed["resumed_from_step"] == 2 and uninterrupted["resumed_from_step"] == 0
+    weights = torch.load(tmp_path / "b" / "sam_tiny.pth", weights_only=True)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def _params_file():
+    from _tiny_project import PARAMS_FILE
+
+    return PARAMS_FILE
+
+
+@pytest.fixture
+def released(tmp_path):
+    checkpoint = random_tiny_sam_checkpoint(tmp_path / "release" / "sam_tiny.pth")
+    return checkpoint, file_sha256(checkpoint)
+
+
+def test_the_pinned_released_checkpoint_is_verified_and_named(released, tmp_path, monkeypatch):
+    checkpoint, sha = released
+    monkeypatch.chdir(tmp_path)
+    params = load_params(
+        str(_params_file()), ["sam.type=tiny", "sam.checkpoint=release/sam_tiny.pth", f"sam.sha256={sha}"]
+    )
+    source = run_base(params, BasePaths(raw=tmp_path / "raw", out=tmp_path / "models" / "base"))
+    assert source.origin == "released" and source.sha256 == sha
+    pointer = json.loads((tmp_path / "models" / "base" / "sam.json").read_text())
+    assert pointer["checkpoint"] == "../../release/sam_tiny.pth"  # the same in every clone
+    assert read_sam_source(tmp_path / "models" / "base").checkpoint == str(checkpoint.resolve())
+
+
+def test_a_checkpoint_that_is_not_the_pinned_one_is_refused(released, tmp_path, monkeypatch):
+    checkpoint, sha = released
+    monkeypatch.chdir(tmp_path)
+    params = load_params(
+        str(_params_file()), ["sam.type=tiny", f"sam.checkpoint={checkpoint}", "sam.sha256=" + "0" * 64]
+    )
+    with pytest.raises(BaseCheckpointError, match=rf"has sha256 {sha}, but sam.sha256 pins 0+"):
+        resolve_base(params, tmp_path / "raw")
+
+
+def test_a_small_sam_without_a_checkpoint_is_refused(tmp_path):
+    params = load_params(str(_params_file()), ["sam.type=tiny", "sam.checkpoint=null"])
+    with pytest.raises(BaseCheckpointError, match=r"needs sam\.checkpoint"):
+        resolve_base(params, tmp_path / "raw")
+
+
+def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_card(tmp_path):
+    model = tmp_path / "pretrained"
+    checkpoint = random_tiny_sam_checkpoint(model / "sam_tiny.pth")
+    train = {
+        "parameters": 1,
+        "images": 8,
+        "steps": 4,
+        "train_seconds": 1.0,
+        "images_per_s": 2.0,
+        "resumed_from_step": 0,
+    }
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    (tmp_path / "eval.json").write_text(json.dumps({"gt_box": {"miou": 1.0, "mbiou": 2.0}}))
+    (tmp_path / "table.csv").write_text("family,images,gt_box\nall,4,1.0\nblob,4,1.0\n")
+    params = tmp_path / "params.yaml"
+    params.write_text("sam:\n  type: tiny\n")
+    target, sha = release(
+        model,
+        tmp_path / "train.json",
+        tmp_path / "eval.json",
+        tmp_path / "table.csv",
+        tmp_path / "out",
+        params,
+    )
+    half = torch.load(target, weights_only=True)
+    full = torch.load(checkpoint, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    assert target.stat().st_size < 0.6 * checkpoint.stat().st_size
+    sam, loaded_sha = build_sam("tiny", target)
+    assert loaded_sha == sha
+    key = "mask_decoder.iou_token.weight"
+    assert np.allclose(sam.state_dict()[key].numpy(), full[key].numpy(), atol=1e-3)
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert sha in card and "| blob | 4 | 1.0 |" in card
