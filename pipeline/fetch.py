@@ -23,8 +23,11 @@
   checked). The manifest points at these files where they are.
 
 ``embedded`` may also be listed in ``fetch.items`` to generate it next to remote/local data.
-Fetched datasets are validated once (``fetch.validate``); bad files are recorded in the
-manifest with their reasons, and later stages skip them without decoding them again.
+Fetched datasets are validated once (``fetch.validate``); bad files (unreadable, undecodable,
+over Pillow's decompression-bomb limit, mismatched, empty) and stray files (an image without a
+mask or a mask without an image) are recorded in the manifest with their reasons and counted,
+and later stages skip them without decoding them again. Only a set with no usable pair left
+fails the stage (naming it and its folders).
 """
 
 from __future__ import annotations
@@ -99,14 +102,23 @@ def _fetch_embedded(params: Params, out: Path, record: dict[str, Any]) -> dict[s
             generator_seed=cfg.seed,
             split=split,
         )
-        folder = data_lib.open_dataset("embedded", split=split, root=root, validate=_validate_mode(params))
+        try:
+            folder = data_lib.open_dataset(
+                "embedded", split=split, root=root, validate=_validate_mode(params)
+            )
+        except data_lib.DatasetError as err:
+            raise FetchError(
+                f"the generated embedded {split} split in {root / split} is unusable: {err}"
+            ) from err
         # No wall-clock values in the manifest: data/raw must be byte-identical across reruns so
         # that DVC skips every downstream stage when nothing really changed.
         described = {k: v for k, v in summary.to_dict().items() if k != "seconds"}
-        splits[split] = {**described, "valid_pairs": len(folder), "out_dir": portable_path(root / split, out)}
-        record["skipped"].setdefault("embedded", []).extend(
-            {"path": portable_path(Path(s.path), out), "reason": s.reason} for s in folder.skipped
-        )
+        splits[split] = {
+            **described,
+            **_set_counts(folder),
+            "out_dir": portable_path(root / split, out),
+        }
+        _record_skipped(record, "embedded", folder, out)
         metrics[f"embedded_{split}_images"] = len(folder)
         metrics[f"embedded_{split}_instances"] = summary.num_instances
         metrics[f"embedded_{split}_seconds"] = round(summary.seconds, 3)
@@ -114,6 +126,24 @@ def _fetch_embedded(params: Params, out: Path, record: dict[str, Any]) -> dict[s
     record["datasets"]["embedded"] = {"root": "embedded", "items": ["embedded"], "splits": splits}
     record["seeds"]["embedded"] = cfg.seed
     return metrics
+
+
+def _set_counts(folder: data_lib.SegmentationFolder) -> dict[str, int]:
+    """A set's counts for the manifest: usable pairs, files left out, and the strays among them."""
+    return {"valid_pairs": len(folder), "skipped": folder.num_skipped, "unmatched": len(folder.unmatched)}
+
+
+def _record_skipped(
+    record: dict[str, Any], family: str, folder: data_lib.SegmentationFolder, out: Path
+) -> None:
+    """Add a set's left-out files (bad and stray) to the manifest's skip list of its family.
+
+    (The dataset has logged each of them, and its counts.)
+    """
+    record["skipped"].setdefault(family, []).extend(
+        {"path": portable_path(Path(s.path), out), "reason": s.reason} for s in folder.skipped
+    )
+    record["unmatched_files"] += len(folder.unmatched)
 
 
 def _validate_mode(params: Params) -> str:
@@ -254,6 +284,7 @@ def _describe_datasets(
 ) -> dict[str, float]:
     """Record each fetched dataset family's root, and validate its named sets."""
     metrics: dict[str, float] = {}
+    unusable: list[str] = []
     families = sorted({i.dataset for i in items if i.kind == "archive"})
     for family in families:
         root = base / manifest.dataset_roots.get(family, family)
@@ -264,9 +295,15 @@ def _describe_datasets(
         if family == "coco_val2017":
             images_dir, annotations = data_lib.coco_paths(root)
             if annotations.is_file() and images_dir.is_dir():
-                coco = data_lib.CocoInstances(images_dir, annotations)
-                entry["sets"] = {"coco_val2017": {"images": len(coco), "annotations": len(coco.coco.anns)}}
-                metrics["coco_val2017_images"] = len(coco)
+                try:
+                    coco = data_lib.CocoInstances(images_dir, annotations)
+                except data_lib.DatasetError as err:
+                    unusable.append(f"  - coco_val2017: {err}")
+                else:
+                    entry["sets"] = {
+                        "coco_val2017": {"images": len(coco), "annotations": len(coco.coco.anns)}
+                    }
+                    metrics["coco_val2017_images"] = len(coco)
         else:
             entry["sets"] = {}
             for name, spec in data_lib.DATASETS.items():
@@ -280,19 +317,16 @@ def _describe_datasets(
                         name, split=split, root=root, validate=_validate_mode(params)
                     )
                 except data_lib.DatasetError as err:
-                    logger.warning("%s: %s", name, err)
-                    entry["sets"][name] = {"error": str(err)}
+                    unusable.append(f"  - {name}: {err}")
                     continue
-                entry["sets"][name] = {
-                    "split": split,
-                    "valid_pairs": len(folder),
-                    "skipped": len(folder.skipped),
-                }
-                record["skipped"].setdefault(family, []).extend(
-                    {"path": portable_path(Path(s.path), out), "reason": s.reason} for s in folder.skipped
-                )
+                entry["sets"][name] = {"split": split, **_set_counts(folder)}
+                _record_skipped(record, family, folder, out)
                 metrics[f"{name}_pairs"] = len(folder)
         record["datasets"][family] = entry
+    if unusable:
+        # Single bad or stray files are skipped and recorded; a set with nothing left is a broken
+        # download or layout, and every later stage would fail on it.
+        raise FetchError("unusable dataset(s), nothing valid is left:\n" + "\n".join(unusable))
     return metrics
 
 
@@ -337,6 +371,7 @@ def run(
         "skipped": {},
         "seeds": {},
         "downloaded_bytes": 0,  # for the metrics; removed before writing
+        "unmatched_files": 0,  # moved to "counts" before writing
         "params": {"fetch": dataclasses.asdict(cfg), "embedded": dataclasses.asdict(params.embedded)},
     }
     names = list(cfg.items)
@@ -411,12 +446,14 @@ def run(
         "checkpoints": len(record["checkpoints"]),
         "datasets": len(record["datasets"]),
         "skipped_files": sum(len(v) for v in record["skipped"].values()),
+        "unmatched_files": record.pop("unmatched_files"),
     }
     write_raw_manifest(out, record)
     metrics.update(
         {
             "fetch_seconds": round(time.perf_counter() - start, 3),
             "skipped_files": record["counts"]["skipped_files"],
+            "unmatched_files": record["counts"]["unmatched_files"],
             "checkpoints": record["counts"]["checkpoints"],
             "downloaded_mb": round(downloaded / 1e6, 3),
         }

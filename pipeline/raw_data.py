@@ -11,10 +11,12 @@
         "source": "embedded" | "remote" | "local",
         "downloads": PATH (where downloads, .part files and hand-placed files go),
         "datasets": {NAME: {"root": PATH, "items": [...], "splits"/"sets": {...counts...}}},
+                    (a set's counts: valid_pairs, skipped = every file left out, unmatched =
+                     the stray files among them: an image without a mask or the reverse)
         "checkpoints": {SAM_TYPE: {"path": PATH, "sha256": HEX, "bytes": N, "item": NAME,
                                    "verified": "manifest" | "trusted_first_download"}},
         "items": {ITEM: {"sha256", "bytes", "verified", "url" | "path"}},
-        "skipped": {DATASET: [{"path": P, "reason": R}, ...]},
+        "skipped": {DATASET: [{"path": P, "reason": R}, ...]}, (bad and stray files)
         "counts": {...}, "seeds": {"embedded": S},
         "params": {"fetch": {...}, "embedded": {...}}
       }
@@ -310,9 +312,27 @@ class RawManifest:
         records = self.content.get("skipped", {}).get(family or name, [])
         return {str(self._resolve(r["path"])): r["reason"] for r in records}
 
-    def open_dataset(self, name: str, *, split: str, validate: str = "header") -> data_lib.SegmentationFolder:
-        """:func:`stable_sam.data.open_dataset` with the root and known-bad files from the manifest."""
+    def validated_fully(self, name: str) -> bool:
+        """Whether the fetch stage decoded every pair of this registered dataset's family
+        (``fetch.validate: full``), so that its skip list already holds every undecodable file."""
+        family = data_lib.dataset_family(name)
+        validated = self.content.get("params", {}).get("fetch", {}).get("validate")
+        return family is not None and family in self.content.get("datasets", {}) and validated == "full"
+
+    def open_dataset(
+        self, name: str, *, split: str, validate: str | None = None
+    ) -> data_lib.SegmentationFolder:
+        """:func:`stable_sam.data.open_dataset` with the root and known-bad files from the manifest.
+
+        ``validate`` None: "header" for a registered dataset the fetch stage validated fully (its
+        bad files come from the manifest's skip list), "full" for everything else (a folder path,
+        or data fetched with ``fetch.validate: header``), so that every index decodes and the
+        length is the number of distinct usable images. Stray and bad files are in the
+        dataset's ``skipped``.
+        """
         root = self.dataset_root(name)
+        if validate is None:
+            validate = "header" if self.validated_fully(name) else "full"
         if data_lib.dataset_family(name) is None:
             return data_lib.open_dataset(str(root), split=split, validate=validate)
         return data_lib.open_dataset(

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from .build import SAM_TYPES, SamCheckpointError, build_stable_sam
 from .embedding_cache import EmbeddingCache
-from .predictor import StableSamPredictor
+from .predictor import StableSamPredictor, clip_box
 
 __all__ = ["main", "overlay_mask"]
 
@@ -71,6 +71,11 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         with Image.open(image_path) as im:
             image = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as err:  # not an OSError
+        raise SystemExit(
+            f"error: cannot read image {image_path}: {err} Pillow refuses images over its "
+            f"decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS} pixels"
+        ) from None
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: cannot read image {image_path}: {err}") from None
     if args.box is None and not args.point:
@@ -80,6 +85,12 @@ def _predict(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"error: {len(args.point)} --point but {len(labels)} --label; give one label per point"
         )
+    box = None
+    if args.box is not None:  # checked before the model is loaded; a loose box is clipped (logged)
+        try:
+            box = clip_box(np.asarray(args.box, dtype=np.float32), *image.shape[:2])
+        except ValueError as err:
+            raise SystemExit(f"error: --box: {err}") from None
     try:
         model = build_stable_sam(
             sam_type=args.sam_type,
@@ -98,7 +109,6 @@ def _predict(args: argparse.Namespace) -> int:
     predictor.set_image(image)
     points = np.asarray(args.point, dtype=np.float32) if args.point else None
     point_labels = np.asarray(labels, dtype=np.int64) if args.point else None
-    box = np.asarray(args.box, dtype=np.float32) if args.box is not None else None
     try:
         if args.no_plugin:
             with model.plugins_disabled():
@@ -118,6 +128,7 @@ def _predict(args: argparse.Namespace) -> int:
     Image.fromarray((mask * 255).astype(np.uint8)).save(mask_path)
     overlay_mask(image, mask, box=box, points=points, labels=point_labels).save(overlay_path)
     summary = {
+        "box": None if box is None else box.tolist(),
         "mask": str(mask_path),
         "overlay": str(overlay_path),
         "predicted_iou": float(scores[best]),
@@ -145,7 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     predict = sub.add_parser("predict", help="segment one image with a box and/or clicks")
     predict.add_argument("image", help="image file (any format Pillow reads)")
-    predict.add_argument("--box", type=lambda s: _floats(s, 4, "--box"), help="x0,y0,x1,y1 in pixels")
+    predict.add_argument(
+        "--box",
+        type=lambda s: _floats(s, 4, "--box"),
+        help="x0,y0,x1,y1 in pixels; a box reaching over the border is clipped to the image "
+        "(a negative x0 needs the = form: --box=-5,10,200,300)",
+    )
     predict.add_argument(
         "--point",
         type=lambda s: _floats(s, 2, "--point"),

@@ -1,7 +1,9 @@
 """Datasets, resizing conventions and training augmentation.
 
 - HQSeg-style folder datasets (``im/*.jpg`` + ``gt/*.png``, or both side by side), paired by
-  file stem, validated, with bad files skipped and recorded rather than crashing a long run.
+  file stem, validated, with bad files (stray, unreadable, undecodable, over Pillow's
+  decompression-bomb limit, mismatched, empty) skipped and recorded in ``skipped`` rather than
+  crashing a long run or being replaced by another sample.
 - A registry of the named datasets: the HQSeg-44K train mix (7 folders), the four HQ evaluation
   sets, the embedded dataset's splits, and any user folder in the same layout.
 - COCO instances through pycocotools (polygons and RLE decoded by ``annToMask``).
@@ -47,6 +49,7 @@ __all__ = [
     "CocoSample",
     "DatasetError",
     "DatasetSpec",
+    "FolderListing",
     "FolderSpec",
     "ImagePair",
     "Sample",
@@ -59,6 +62,7 @@ __all__ = [
     "folder_specs",
     "instance_masks",
     "large_scale_jitter",
+    "list_pairs",
     "load_image",
     "load_mask",
     "load_sample",
@@ -78,7 +82,22 @@ _MAX_LISTED = 20
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be used as given (missing folders, unmatched files, no valid pair)."""
+    """A dataset that cannot be used as given (missing folders, no valid pair)."""
+
+
+# What decoding a file can raise. Pillow's DecompressionBombError (an image over twice
+# ``Image.MAX_IMAGE_PIXELS``) is a plain Exception, not an OSError.
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def _why(state: str, what: str, err: Exception) -> str:
+    """Why ``what`` ("image", "mask PATH") could not be read; a bomb also names Pillow's limit."""
+    if isinstance(err, Image.DecompressionBombError):
+        return (
+            f"{what} is over Pillow's decompression-bomb limit: {err} (Image.MAX_IMAGE_PIXELS = "
+            f"{Image.MAX_IMAGE_PIXELS}; raise PIL.Image.MAX_IMAGE_PIXELS to use such images)"
+        )
+    return f"{state} {what}: {err}"
 
 
 def _listing(items: Sequence[object]) -> str:
@@ -112,18 +131,29 @@ class SkippedFile:
         return {"path": self.path, "reason": self.reason}
 
 
-def find_pairs(
+@dataclass(frozen=True)
+class FolderListing:
+    """The pairs of one image/mask folder, and its stray files (an image without a mask or a mask
+    without an image), each with the reason it was left out."""
+
+    pairs: list[ImagePair]
+    unmatched: list[SkippedFile]
+
+
+def list_pairs(
     im_dir: str | Path,
     gt_dir: str | Path,
     *,
     im_ext: str = ".jpg",
     gt_ext: str = ".png",
     inst_dir: str | Path | None = None,
-) -> list[ImagePair]:
-    """Pair ``im_dir/STEM{im_ext}`` with ``gt_dir/STEM{gt_ext}``, sorted by stem.
+) -> FolderListing:
+    """Pair ``im_dir/STEM{im_ext}`` with ``gt_dir/STEM{gt_ext}``, sorted by stem; list the strays.
 
     ``im_dir`` and ``gt_dir`` may be the same folder (cascade_psp keeps ``x.jpg`` and ``x.png``
     side by side). Extensions match exactly (HQ-SAM globs ``*.jpg``); other files are ignored.
+    An image without a mask or a mask without an image is a stray: it is left out and listed in
+    ``unmatched`` (one stray file never makes a 44k-image set unusable).
 
     Args:
       im_dir, gt_dir: the image and mask folders.
@@ -132,8 +162,7 @@ def find_pairs(
         gets one if it exists.
 
     Raises:
-      DatasetError: a folder is missing, there is no pair at all, or some images have no mask
-        or some masks no image (the first 20 of each are listed, with the count).
+      DatasetError: a folder is missing.
     """
     im_dir, gt_dir = Path(im_dir), Path(gt_dir)
     for folder in (im_dir, gt_dir):
@@ -141,31 +170,56 @@ def find_pairs(
             raise DatasetError(f"dataset folder not found: {folder}")
     images = {p.name[: -len(im_ext)]: p for p in im_dir.iterdir() if p.name.endswith(im_ext) and p.is_file()}
     masks = {p.name[: -len(gt_ext)]: p for p in gt_dir.iterdir() if p.name.endswith(gt_ext) and p.is_file()}
-    no_mask = sorted(set(images) - set(masks))
-    no_image = sorted(set(masks) - set(images))
-    if no_mask or no_image:
-        parts = []
-        if no_mask:
-            parts.append(
-                f"{len(no_mask)} image(s) in {im_dir} without a {gt_ext} mask in {gt_dir}: "
-                f"{_listing([images[s].name for s in no_mask])}"
-            )
-        if no_image:
-            parts.append(
-                f"{len(no_image)} mask(s) in {gt_dir} without a {im_ext} image in {im_dir}: "
-                f"{_listing([masks[s].name for s in no_image])}"
-            )
-        raise DatasetError("unmatched files: " + "; ".join(parts))
-    if not images:
-        raise DatasetError(f"no {im_ext} images with {gt_ext} masks in {im_dir} and {gt_dir}")
+    unmatched = [
+        SkippedFile(str(images[s]), f"image without a {gt_ext} mask in {gt_dir}")
+        for s in sorted(set(images) - set(masks))
+    ] + [
+        SkippedFile(str(masks[s]), f"mask without a {im_ext} image in {im_dir}")
+        for s in sorted(set(masks) - set(images))
+    ]
     inst = Path(inst_dir) if inst_dir is not None else None
     pairs = []
-    for stem in sorted(images):
+    for stem in sorted(set(images) & set(masks)):
         inst_path = inst / f"{stem}.png" if inst is not None else None
         if inst_path is not None and not inst_path.is_file():
             inst_path = None
         pairs.append(ImagePair(stem, images[stem], masks[stem], inst_path))
-    return pairs
+    return FolderListing(pairs, unmatched)
+
+
+def _require_pairs(listing: FolderListing, im_dir: Path, gt_dir: Path, im_ext: str, gt_ext: str) -> None:
+    if not listing.pairs:
+        strays = (
+            f" (only {len(listing.unmatched)} stray file(s) without a partner: "
+            f"{_listing([Path(s.path).name for s in listing.unmatched])})"
+            if listing.unmatched
+            else ""
+        )
+        raise DatasetError(
+            f"no {im_ext} images with {gt_ext} masks of the same stem in {im_dir} and {gt_dir}{strays}"
+        )
+
+
+def find_pairs(
+    im_dir: str | Path,
+    gt_dir: str | Path,
+    *,
+    im_ext: str = ".jpg",
+    gt_ext: str = ".png",
+    inst_dir: str | Path | None = None,
+) -> list[ImagePair]:
+    """The pairs of :func:`list_pairs`; stray files are logged (named) and left out.
+
+    Raises:
+      DatasetError: a folder is missing, or not a single pair is left (the message names the
+        folders and the strays).
+    """
+    im_dir, gt_dir = Path(im_dir), Path(gt_dir)
+    listing = list_pairs(im_dir, gt_dir, im_ext=im_ext, gt_ext=gt_ext, inst_dir=inst_dir)
+    _require_pairs(listing, im_dir, gt_dir, im_ext, gt_ext)
+    for stray in listing.unmatched:
+        logger.warning("skipping %s: %s", stray.path, stray.reason)
+    return listing.pairs
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -260,13 +314,13 @@ def _check_header(pair: ImagePair) -> tuple[str | None, bool]:
     try:
         with Image.open(pair.image_path) as img:
             image_size, rotated = img.size, _exif_rotated(img)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        return f"unreadable image: {err}", False
+    except _DECODE_ERRORS as err:
+        return _why("unreadable", "image", err), False
     try:
         with Image.open(pair.mask_path) as gt:
             mask_size = gt.size
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        return f"unreadable mask {pair.mask_path}: {err}", rotated
+    except _DECODE_ERRORS as err:
+        return _why("unreadable", f"mask {pair.mask_path}", err), rotated
     if image_size != mask_size:
         return (
             f"image is {image_size[0]}x{image_size[1]} (WxH) but mask {pair.mask_path.name} is "
@@ -285,12 +339,12 @@ def load_sample(pair: ImagePair) -> Sample:
     """
     try:
         image = load_image(pair.image_path)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise BadSampleError(f"corrupt image: {err}") from err
+    except _DECODE_ERRORS as err:
+        raise BadSampleError(_why("corrupt", "image", err)) from err
     try:
         mask = binarize_mask(load_mask(pair.mask_path))
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise BadSampleError(f"corrupt mask {pair.mask_path}: {err}") from err
+    except _DECODE_ERRORS as err:
+        raise BadSampleError(_why("corrupt", f"mask {pair.mask_path}", err)) from err
     if image.shape[:2] != mask.shape:
         raise BadSampleError(
             f"image is {image.shape[1]}x{image.shape[0]} (WxH) but mask {pair.mask_path.name} is "
@@ -302,8 +356,8 @@ def load_sample(pair: ImagePair) -> Sample:
     if pair.instances_path is not None:
         try:
             instances = load_mask(pair.instances_path)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise BadSampleError(f"corrupt instance map {pair.instances_path}: {err}") from err
+        except _DECODE_ERRORS as err:
+            raise BadSampleError(_why("corrupt", f"instance map {pair.instances_path}", err)) from err
         if instances.shape != mask.shape:
             raise BadSampleError(f"instance map {pair.instances_path.name} size differs from the image")
     return Sample(pair.name, image, mask, instances)
@@ -312,25 +366,32 @@ def load_sample(pair: ImagePair) -> Sample:
 class SegmentationFolder(Dataset):
     """A validated list of image/mask pairs; items are :class:`Sample`.
 
-    Validation happens in two places, so that a 44k-image set opens in seconds and bad data
-    still never stops a run:
+    Every file left out is in ``skipped`` (path + reason, in the order found; ``num_skipped``
+    counts them, ``skipped_dicts()`` gives JSON-ready records): stray files (``unmatched``),
+    paths of the ``exclude`` list, and pairs that fail validation. An index always returns its
+    own pair, never another one, so ``len()`` is the number of distinct images a consumer sees.
 
-    - at construction, ``validate="header"`` (default) reads only the file headers, in a thread
-      pool: unreadable files and image/mask size mismatches are skipped here.
-      ``validate="full"`` decodes every pair (a few ms each; threads overlap the I/O and PIL
-      releases the GIL while decoding) and also skips corrupt pixel data and empty masks; the
-      fetch stage uses it once and records the result, small sets use it always.
-    - in ``__getitem__``: a pair that fails to decode or has an empty mask is logged, added to
-      ``skipped`` and replaced by the next valid pair (deterministically), so a DataLoader never
-      sees an exception. (In DataLoader worker processes the record stays in the worker; the
-      log line is what reaches the user.)
+    - ``validate="full"`` (default) decodes every pair at construction (a few ms each; threads
+      overlap the I/O and PIL releases the GIL while decoding) and skips unreadable or corrupt
+      files, decompression bombs, image/mask size mismatches and empty masks: every index then
+      loads.
+    - ``validate="header"`` reads only the file headers (a 44k-image set opens in seconds):
+      unreadable files, bombs and size mismatches are skipped, but corrupt pixel data and empty
+      masks are only found in ``__getitem__``, which records the pair in ``skipped`` and raises
+      :class:`BadSampleError`. Use it for data validated fully before, whose bad files come in
+      ``exclude`` (the fetch stage's skip list).
+    - ``validate="none"`` checks nothing (only ``exclude`` applies).
+
+    (In DataLoader worker processes the record made by ``__getitem__`` stays in the worker; the
+    exception and the log line are what reach the user.)
 
     Args:
-      pairs: from :func:`find_pairs` (possibly several folders concatenated).
+      pairs: from :func:`list_pairs` / :func:`find_pairs` (possibly several folders concatenated).
       name: the dataset name (logs, errors).
-      validate: "header", "full" or "none".
+      validate: "full", "header" or "none".
       exclude: paths known to be bad (e.g. the skip list of the raw-data manifest) with their
         reasons; they are skipped without opening them.
+      unmatched: stray files found while pairing (:attr:`FolderListing.unmatched`); recorded.
       num_threads: threads for validation (default: min(16, cpu count + 4)).
 
     Raises:
@@ -342,23 +403,29 @@ class SegmentationFolder(Dataset):
         pairs: Sequence[ImagePair],
         *,
         name: str,
-        validate: Literal["header", "full", "none"] = "header",
+        validate: Literal["header", "full", "none"] = "full",
         exclude: dict[str, str] | None = None,
+        unmatched: Sequence[SkippedFile] = (),
         num_threads: int | None = None,
     ) -> None:
         if validate not in ("header", "full", "none"):
             raise ValueError(f"validate must be 'header', 'full' or 'none', got {validate!r}")
         self.name = name
+        self.validate = validate
+        self.unmatched: list[SkippedFile] = list(unmatched)
         self.skipped: list[SkippedFile] = []
         self.exif_rotated = 0
+        for stray in self.unmatched:
+            self._record(stray)
         exclude = exclude or {}
         candidates = []
         for pair in pairs:
             reason = exclude.get(str(pair.image_path))
-            if reason is not None:
+            if reason is not None:  # known bad: recorded, not logged one by one again
                 self.skipped.append(SkippedFile(str(pair.image_path), reason))
             else:
                 candidates.append(pair)
+        excluded = len(pairs) - len(candidates)
         threads = num_threads or min(16, (os.cpu_count() or 1) + 4)
         if validate == "header":
             with ThreadPoolExecutor(threads) as pool:
@@ -384,40 +451,67 @@ class SegmentationFolder(Dataset):
             if reason is None:
                 self.pairs.append(pair)
             else:
-                self._skip(pair, reason)
+                self._record(SkippedFile(str(pair.image_path), reason))
         if self.exif_rotated:
             logger.info(
                 "%s: %d image(s) carry a non-trivial EXIF orientation (ignored)", name, self.exif_rotated
             )
         if not self.pairs:
             raise DatasetError(
-                f"dataset {name!r}: no valid image/mask pair among {len(pairs)}; first reasons: "
+                f"dataset {name!r}: no valid image/mask pair among {len(pairs)} pair(s) and "
+                f"{len(self.unmatched)} stray file(s); first reasons: "
                 f"{_listing([f'{s.path}: {s.reason}' for s in self.skipped])}"
             )
+        if self.skipped:
+            logger.warning(
+                "%s: %d valid pair(s); %d file(s) skipped (%d stray, %d known bad from the exclude list)",
+                name,
+                len(self.pairs),
+                len(self.skipped),
+                len(self.unmatched),
+                excluded,
+            )
 
-    def _skip(self, pair: ImagePair, reason: str) -> None:
-        logger.warning("%s: skipping %s: %s", self.name, pair.image_path, reason)
-        self.skipped.append(SkippedFile(str(pair.image_path), reason))
+    def _record(self, skipped: SkippedFile) -> None:
+        # Each file is named in the log up to a limit (all are in ``skipped``); the counts follow.
+        level = logging.WARNING if len(self.skipped) < _MAX_LISTED else logging.DEBUG
+        logger.log(level, "%s: skipping %s: %s", self.name, skipped.path, skipped.reason)
+        self.skipped.append(skipped)
+
+    @property
+    def num_skipped(self) -> int:
+        """How many files were left out (strays, excluded and invalid pairs)."""
+        return len(self.skipped)
+
+    def skipped_dicts(self) -> list[dict[str, str]]:
+        """``skipped`` as ``[{"path": ..., "reason": ...}]`` (for JSON outputs)."""
+        return [s.to_dict() for s in self.skipped]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> Sample:
+        """The sample of pair ``index``.
+
+        Raises:
+          BadSampleError: the pair fails to decode or has an empty mask (possible only with
+            ``validate="header"`` or ``"none"``, or a file changed since opening); it is recorded
+            in ``skipped`` first. The message names the dataset, the file and the reason.
+        """
         n = len(self.pairs)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {self.name!r} with {n} pairs")
-        index %= n
-        for offset in range(n):
-            pair = self.pairs[(index + offset) % n]
-            try:
-                return load_sample(pair)
-            except BadSampleError as err:
-                if not any(s.path == str(pair.image_path) for s in self.skipped):
-                    self._skip(pair, str(err))
-        raise DatasetError(f"dataset {self.name!r}: every pair failed to load; see the log")
-
-    def skipped_dicts(self) -> list[dict[str, str]]:
-        return [s.to_dict() for s in self.skipped]
+        pair = self.pairs[index]
+        try:
+            return load_sample(pair)
+        except BadSampleError as err:
+            path = str(pair.image_path)
+            if not any(s.path == path for s in self.skipped):
+                self._record(SkippedFile(path, str(err)))
+            raise BadSampleError(
+                f"dataset {self.name!r}: {path}: {err} (opened with validate={self.validate!r}; "
+                "validate='full' skips such pairs when the dataset is opened)"
+            ) from err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -539,7 +633,7 @@ def open_dataset(
     *,
     split: str,
     root: str | Path | None = None,
-    validate: Literal["header", "full", "none"] = "header",
+    validate: Literal["header", "full", "none"] = "full",
     exclude: dict[str, str] | None = None,
 ) -> SegmentationFolder:
     """Open a registered dataset or any folder in the HQSeg layout.
@@ -556,7 +650,12 @@ def open_dataset(
 
     Returns:
       A :class:`SegmentationFolder`; in multi-folder sets the sample names are
-      ``<folder>/<stem>`` so they stay unique.
+      ``<folder>/<stem>`` so they stay unique. Stray files (an image without a mask or the
+      reverse) are left out and listed in its ``skipped`` / ``unmatched``.
+
+    Raises:
+      DatasetError: a folder is missing or has no image/mask pair at all (named), or no valid
+        pair is left.
     """
     if name_or_path in DATASETS:
         if root is None:
@@ -567,18 +666,25 @@ def open_dataset(
         specs = (_user_folder(Path(name_or_path), split),)
         base = Path()
     pairs: list[ImagePair] = []
+    unmatched: list[SkippedFile] = []
     for spec in specs:
-        found = find_pairs(
-            base / spec.im_dir,
-            base / spec.gt_dir,
+        im_dir, gt_dir = base / spec.im_dir, base / spec.gt_dir
+        listing = list_pairs(
+            im_dir,
+            gt_dir,
             im_ext=spec.im_ext,
             gt_ext=spec.gt_ext,
             inst_dir=base / spec.inst_dir if spec.inst_dir else None,
         )
+        _require_pairs(listing, im_dir, gt_dir, spec.im_ext, spec.gt_ext)
+        found = listing.pairs
         if len(specs) > 1:
             found = [replace(p, name=f"{spec.name}/{p.name}") for p in found]
         pairs.extend(found)
-    return SegmentationFolder(pairs, name=f"{name_or_path}:{split}", validate=validate, exclude=exclude)
+        unmatched.extend(listing.unmatched)
+    return SegmentationFolder(
+        pairs, name=f"{name_or_path}:{split}", validate=validate, exclude=exclude, unmatched=unmatched
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -673,8 +779,8 @@ class CocoInstances(Dataset):
         path = self.images_dir / info["file_name"]
         try:
             image = load_image(path)
-        except (OSError, UnidentifiedImageError) as err:
-            raise DatasetError(f"corrupt COCO image {path}: {err}") from err
+        except _DECODE_ERRORS as err:
+            raise DatasetError(_why("corrupt", f"COCO image {path}", err)) from err
         if image.shape[:2] != (info["height"], info["width"]):
             raise DatasetError(
                 f"{path}: image is {image.shape[1]}x{image.shape[0]} but the annotation says "

@@ -5,6 +5,11 @@ keyed by the image content (sha256 of the pixels, shape and dtype), the preproce
 it into the model input ("longest_side", "stretch", ...) and the encoder's identity (SAM type +
 SAM checkpoint sha256, or a hash of the weights for random models). Entries live in memory (LRU)
 and, optionally, on disk as ``<dir>/<key[:2]>/<key>.pt`` written atomically.
+
+An entry is never trusted blindly: one that does not load, or loads but does not have the form
+the reader expects (:class:`EmbeddingSpec`: embedding shape and dtype, input and original
+sizes), is a miss with a warning naming the entry file; the caller recomputes it and ``put``
+overwrites it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from .checkpoint import atomic_torch_save
 
-__all__ = ["CachedEmbedding", "EmbeddingCache", "image_key"]
+__all__ = ["CachedEmbedding", "EmbeddingCache", "EmbeddingSpec", "image_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,54 @@ class CachedEmbedding:
     embedding: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """What a reader expects of an entry; None fields are not checked.
+
+    Attributes:
+      shape: of the embedding, 1 x C x H x W (SAM: 1 x prompt_encoder.embed_dim x
+        prompt_encoder.image_embedding_size).
+      dtype: of the embedding.
+      input_size: (h, w) the image was resized to.
+      original_size: (H, W) of the image.
+    """
+
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+    input_size: tuple[int, int] | None = None
+    original_size: tuple[int, int] | None = None
+
+
+def _size(value: object) -> str:
+    return "x".join(str(v) for v in value) if isinstance(value, (tuple, list, torch.Size)) else repr(value)
+
+
+def _problem(entry: CachedEmbedding, spec: EmbeddingSpec | None) -> str | None:
+    """Why an entry cannot be used (None: it can)."""
+    emb = entry.embedding
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 4 or emb.shape[0] != 1 or not emb.is_floating_point():
+        what = (
+            f"{_size(tuple(emb.shape))} {emb.dtype}" if isinstance(emb, torch.Tensor) else type(emb).__name__
+        )
+        return f"the embedding is {what}, not a 1 x C x H x W float tensor"
+    for name, size in (("input_size", entry.input_size), ("original_size", entry.original_size)):
+        if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+            return f"{name} is {size!r}, not two positive ints"
+    if spec is None:
+        return None
+    if spec.shape is not None and tuple(emb.shape) != tuple(spec.shape):
+        return f"the embedding is {_size(tuple(emb.shape))}, the model expects {_size(tuple(spec.shape))}"
+    if spec.dtype is not None and emb.dtype != spec.dtype:
+        return f"the embedding is {emb.dtype}, the model expects {spec.dtype}"
+    for name, got, want in (
+        ("input_size", entry.input_size, spec.input_size),
+        ("original_size", entry.original_size, spec.original_size),
+    ):
+        if want is not None and tuple(got) != tuple(want):
+            return f"{name} is {_size(got)}, expected {_size(want)}"
+    return None
 
 
 def image_key(image: np.ndarray | torch.Tensor, *, model_id: str, preprocess: str) -> str:
@@ -68,26 +121,40 @@ class EmbeddingCache:
         assert self.directory is not None
         return self.directory / key[:2] / f"{key}.pt"
 
-    def get(self, key: str) -> CachedEmbedding | None:
+    def get(self, key: str, spec: EmbeddingSpec | None = None) -> CachedEmbedding | None:
+        """The entry of ``key``, or None (a miss).
+
+        An entry that does not load, or does not fit ``spec`` (or is not a 1 x C x H x W float
+        embedding with two (h, w) sizes at all), is a miss: a warning names the entry and why,
+        and the memory copy is dropped; the caller's ``put`` of the recomputed one overwrites it.
+        """
         entry = self._memory.get(key)
         if entry is not None:
-            self._memory.move_to_end(key)
-            self.hits += 1
-            return entry
-        if self.directory is not None and self._path(key).is_file():
+            problem = _problem(entry, spec)
+            if problem is None:
+                self._memory.move_to_end(key)
+                self.hits += 1
+                return entry
+            logger.warning("ignoring in-memory embedding cache entry %s: %s; recomputing it", key, problem)
+            del self._memory[key]
+        elif self.directory is not None and self._path(key).is_file():
+            path = self._path(key)
             try:
-                payload = torch.load(self._path(key), map_location="cpu", weights_only=True)
+                payload = torch.load(path, map_location="cpu", weights_only=True)
                 entry = CachedEmbedding(
                     embedding=payload["embedding"],
                     input_size=tuple(payload["input_size"]),
                     original_size=tuple(payload["original_size"]),
                 )
             except Exception as err:  # a damaged entry is recomputed, never trusted
-                logger.warning("ignoring unreadable embedding cache entry %s: %s", self._path(key), err)
+                logger.warning("ignoring unreadable embedding cache entry %s: %s; recomputing it", path, err)
             else:
-                self._remember(key, entry)
-                self.hits += 1
-                return entry
+                problem = _problem(entry, spec)
+                if problem is None:
+                    self._remember(key, entry)
+                    self.hits += 1
+                    return entry
+                logger.warning("ignoring embedding cache entry %s: %s; recomputing it", path, problem)
         self.misses += 1
         return None
 

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .embedding_cache import CachedEmbedding, EmbeddingCache, image_key
+from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingSpec, image_key
 from .modeling.stable_sam import PromptTensors, StableSam
 
-__all__ = ["StableSamPredictor"]
+__all__ = ["StableSamPredictor", "clip_box"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ class StableSamPredictor:
         if image_format != self.model.sam.image_format:
             image = image[..., ::-1]
         key = self._key(image, "longest_side")
-        if self._restore(key):
+        original_size = tuple(image.shape[:2])
+        input_size = ResizeLongestSide.get_preprocess_shape(*original_size, self.model.img_size)
+        if self._restore(key, input_size=input_size, original_size=original_size):
             return
         input_image = self.transform.apply_image(image)
         input_torch = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
@@ -75,7 +77,9 @@ class StableSamPredictor:
                 f"{tuple(transformed_image.shape[2:])}"
             )
         key = self._key(transformed_image, f"torch:{tuple(original_image_size)}")
-        if self._restore(key):
+        if self._restore(
+            key, input_size=tuple(transformed_image.shape[-2:]), original_size=tuple(original_image_size)
+        ):
             return
         self._encode(transformed_image, tuple(original_image_size), key)
 
@@ -85,8 +89,20 @@ class StableSamPredictor:
         model_id = f"{self.model.sam_type}:{self.model.encoder_fingerprint()}"
         return image_key(image, model_id=model_id, preprocess=preprocess)
 
-    def _restore(self, key: str | None) -> bool:
-        entry = None if key is None else self.cache.get(key)
+    def _restore(
+        self, key: str | None, *, input_size: tuple[int, ...], original_size: tuple[int, ...]
+    ) -> bool:
+        """Set the image from the cache; an entry of the wrong form is a miss (and recomputed)."""
+        if key is None:
+            return False
+        prompt_encoder = self.model.sam.prompt_encoder
+        spec = EmbeddingSpec(
+            shape=(1, prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size),
+            dtype=prompt_encoder.no_mask_embed.weight.dtype,
+            input_size=tuple(input_size),
+            original_size=tuple(original_size),
+        )
+        entry = self.cache.get(key, spec)
         if entry is None:
             return False
         self.reset_image()
@@ -123,7 +139,8 @@ class StableSamPredictor:
         Arguments:
           point_coords: N x 2 (x, y) pixel coordinates.
           point_labels: N labels (1 foreground, 0 background).
-          box: (4,) xyxy box.
+          box: (4,) xyxy box; one reaching over the image border is clipped to the image (with a
+            warning), one with no overlap is refused (:func:`clip_box`).
           mask_input: 1 x h x w low-res logits from a previous prediction.
           multimask_output: return 3 masks (for ambiguous prompts) instead of 1.
           return_logits: return logits instead of binary masks.
@@ -155,12 +172,7 @@ class StableSamPredictor:
             coords_torch = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
             labels_torch = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
         if box is not None:
-            box = np.asarray(box, dtype=np.float32)
-            if box.shape != (4,):
-                raise ValueError(f"box must be (4,) xyxy, got shape {box.shape}")
-            if box[2] < box[0] or box[3] < box[1]:
-                raise ValueError(f"box {box.tolist()} has x1 < x0 or y1 < y0 (expected x0, y0, x1, y1)")
-            _check_inside("box", box.reshape(2, 2), h, w)
+            box = clip_box(box, h, w)
             box_torch = torch.as_tensor(
                 self.transform.apply_boxes(box, self.original_size), device=self.device
             )
@@ -229,8 +241,44 @@ class StableSamPredictor:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
 
 
+def clip_box(box: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A box (4,) xyxy clipped to the image [0, W] x [0, H]; a warning says when it was clipped.
+
+    A loose box reaching over the border is a normal prompt; only a box with no overlap with the
+    image (or non-finite coordinates) is refused.
+
+    Raises:
+      ValueError: the box is not (4,) finite x0, y0, x1, y1 with x0 <= x1 and y0 <= y1, or it
+        does not overlap the image (the message names the box and the image size).
+    """
+    box = np.asarray(box, dtype=np.float32)
+    if box.shape != (4,):
+        raise ValueError(f"box must be (4,) xyxy, got shape {box.shape}")
+    if not np.isfinite(box).all():
+        raise ValueError(f"box coordinates must be finite, got {box.tolist()}")
+    if box[2] < box[0] or box[3] < box[1]:
+        raise ValueError(f"box {box.tolist()} has x1 < x0 or y1 < y0 (expected x0, y0, x1, y1)")
+    x0, y0, x1, y1 = box.tolist()
+    if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height:
+        return box
+    if x0 >= width or y0 >= height or x1 <= 0 or y1 <= 0:
+        raise ValueError(
+            f"box {box.tolist()} does not overlap the {width}x{height} image (W x H): "
+            f"it must reach into [0, {width}] x [0, {height}]"
+        )
+    clipped = np.clip(box, 0, np.array([width, height, width, height], dtype=np.float32))
+    logger.warning(
+        "box %s reaches outside the %dx%d image (W x H); clipped to %s",
+        box.tolist(),
+        width,
+        height,
+        clipped.tolist(),
+    )
+    return clipped
+
+
 def _check_inside(what: str, coords: np.ndarray, height: int, width: int) -> None:
-    """Points/box corners (N x 2, x y) must lie in the image [0, W] x [0, H]."""
+    """Points (N x 2, x y) must lie in the image [0, W] x [0, H]."""
     if not np.isfinite(coords).all():
         raise ValueError(f"{what} coordinates must be finite, got {coords.tolist()}")
     outside = (coords[:, 0] < 0) | (coords[:, 0] > width) | (coords[:, 1] < 0) | (coords[:, 1] > height)

@@ -74,7 +74,11 @@ def test_predict_with_labelled_points(files, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--box", "5,4,400,30"], "outside"),
+        (
+            ["--box", "100,4,400,30"],
+            r"--box: box \[100.0, 4.0, 400.0, 30.0\] does not overlap the 60x48 image",
+        ),
+        (["--box", "40,4,5,30"], "x1 < x0"),
         (["--point", "5,4", "--point", "6,6", "--label", "1"], "one label per point"),
         ([], "give a prompt"),
     ],
@@ -109,6 +113,43 @@ def test_unreadable_image_and_wrong_checkpoint_are_clear_errors(files):
                 str(files / "sam_tiny.pth"),
             ]
         )
+
+
+def test_a_loose_box_is_clipped_to_the_image_and_said_so(files, capsys, caplog):
+    args = [
+        "predict",
+        str(files / "cat.jpg"),
+        "--sam-type",
+        "tiny",
+        "--sam-checkpoint",
+        str(files / "sam_tiny.pth"),
+    ]
+    with caplog.at_level("WARNING"):
+        assert main([*args, "--box=-5,4,400,30", "--out-dir", str(files / "loose")]) == 0
+    assert (
+        "box [-5.0, 4.0, 400.0, 30.0] reaches outside the 60x48 image (W x H); clipped to [0.0, 4.0, 60.0, 30.0]"
+        in caplog.text
+    )
+    loose = json.loads(capsys.readouterr().out)
+    assert loose["box"] == [0.0, 4.0, 60.0, 30.0]
+    assert main([*args, "--box", "0,4,60,30", "--out-dir", str(files / "tight")]) == 0
+    tight = json.loads(capsys.readouterr().out)
+    assert loose["predicted_iou"] == tight["predicted_iou"]
+    assert np.array_equal(
+        np.asarray(Image.open(files / "loose" / "cat_mask.png")),
+        np.asarray(Image.open(files / "tight" / "cat_mask.png")),
+    )
+
+
+def test_an_oversized_image_is_a_clear_error_naming_the_file_and_the_limit(files, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # cat.jpg: 60 x 48 = 2880 > 2 x 1000 pixels
+    with pytest.raises(SystemExit) as err:
+        main(["predict", str(files / "cat.jpg"), "--box", "1,1,5,5", "--sam-type", "tiny"])
+    assert err.value.code == (
+        f"error: cannot read image {files / 'cat.jpg'}: Image size (2880 pixels) exceeds limit of 2000 pixels, "
+        "could be decompression bomb DOS attack. Pillow refuses images over its decompression-bomb limit, "
+        "2 x Image.MAX_IMAGE_PIXELS = 2000 pixels"
+    )
 
 
 def test_info_prints_the_parameter_count(capsys):

@@ -63,17 +63,39 @@ def test_find_pairs_sorted_by_stem_and_same_folder_layout(tmp_path):
     assert [p.name for p in data.find_pairs(flat, flat)] == ["x", "y"]
 
 
-def test_find_pairs_lists_unmatched_files(tmp_path):
+def test_stray_files_are_skipped_named_and_counted(tmp_path, caplog):
     for i in range(25):
         _write_pair(tmp_path / "im", tmp_path / "gt", f"img{i:02d}")
     for i in range(22):
         (tmp_path / "gt" / f"img{i:02d}.png").unlink()
     (tmp_path / "gt" / "orphan.png").write_bytes(b"x")
+    listing = data.list_pairs(tmp_path / "im", tmp_path / "gt")
+    assert [p.name for p in listing.pairs] == ["img22", "img23", "img24"]
+    reasons = {Path(s.path).name: s.reason for s in listing.unmatched}
+    assert len(reasons) == 23
+    assert reasons["img00.jpg"] == f"image without a .png mask in {tmp_path / 'gt'}"
+    assert reasons["orphan.png"] == f"mask without a .jpg image in {tmp_path / 'im'}"
+    with caplog.at_level("WARNING"):
+        assert len(data.find_pairs(tmp_path / "im", tmp_path / "gt")) == 3
+    assert f"skipping {tmp_path / 'gt' / 'orphan.png'}: mask without a .jpg image" in caplog.text
+    # Opening the folder as a dataset keeps the 3 pairs and records the 23 strays.
+    ds = data.open_dataset(str(tmp_path), split="val")
+    assert len(ds) == 3 and len(ds.unmatched) == 23 and ds.num_skipped == 23
+    assert {
+        "path": str(tmp_path / "gt" / "orphan.png"),
+        "reason": reasons["orphan.png"],
+    } in ds.skipped_dicts()
+    # Only when nothing is left is it an error, naming the folders and the strays.
+    for i in range(22, 25):
+        (tmp_path / "gt" / f"img{i:02d}.png").unlink()
     with pytest.raises(data.DatasetError) as err:
-        data.find_pairs(tmp_path / "im", tmp_path / "gt")
+        data.open_dataset(str(tmp_path), split="val")
     message = str(err.value)
-    assert "22 image(s)" in message and "img00.jpg" in message and "(and 2 more)" in message
-    assert "1 mask(s)" in message and "orphan.png" in message
+    assert (
+        f"no .jpg images with .png masks of the same stem in {tmp_path / 'im'} and {tmp_path / 'gt'}"
+        in message
+    )
+    assert "26 stray file(s)" in message and "img00.jpg" in message and "(and 6 more)" in message
 
 
 def test_find_pairs_missing_or_empty_folder(tmp_path):
@@ -118,17 +140,59 @@ def test_full_validation_skips_bad_pairs_with_reasons(messy_folder):
     assert ds.skipped_dicts()[0].keys() == {"path", "reason"}
 
 
-def test_header_validation_is_cheap_and_the_rest_is_caught_lazily(messy_folder):
+def test_header_validation_is_cheap_and_an_undecodable_pair_is_named_not_replaced(messy_folder):
     pairs = data.find_pairs(messy_folder / "im", messy_folder / "gt")
     ds = data.SegmentationFolder(pairs, name="t", validate="header")
     # Headers catch the unreadable image and the size mismatch; the empty mask needs decoding.
     assert {Path(s.path).stem for s in ds.skipped} == {"corrupt", "mismatch"}
     names = [p.name for p in ds.pairs]
     assert names == ["empty", "good1", "good2", "good3"]
-    sample = ds[0]  # "empty" is replaced by the next valid pair, and recorded
-    assert sample.name == "good1"
+    with pytest.raises(data.BadSampleError) as err:
+        ds[0]  # never replaced by another pair: the index is "empty" or nothing
+    assert f"dataset 't': {messy_folder / 'im' / 'empty.jpg'}: empty mask" in str(err.value)
+    assert "validate='full'" in str(err.value)
     assert {Path(s.path).stem for s in ds.skipped} == {"corrupt", "mismatch", "empty"}
+    with pytest.raises(data.BadSampleError):
+        ds[0]
+    assert ds.num_skipped == 3  # recorded once
     assert [ds[i].name for i in range(1, 4)] == ["good1", "good2", "good3"]
+
+
+def _truncated_jpeg(path: Path) -> None:
+    body = path.read_bytes()
+    path.write_bytes(body[: len(body) // 2])  # the header still reads, the pixels do not
+
+
+def test_folder_given_as_eval_set_counts_each_distinct_image_once(tmp_path):
+    """A plain folder opens with a full decode check: length = distinct decodable images."""
+    for stem in ["a", "b", "c", "d"]:
+        _write_pair(tmp_path / "im", tmp_path / "gt", stem, size=(64, 80))
+    _truncated_jpeg(tmp_path / "im" / "b.jpg")
+    header = data.open_dataset(str(tmp_path), split="val", validate="header")
+    assert len(header) == 4  # the header check cannot see it ...
+    with pytest.raises(data.BadSampleError, match=r"b\.jpg: corrupt image: .*truncated"):
+        header[1]  # ... and the index does not silently become "c"
+    ds = data.open_dataset(str(tmp_path), split="val")
+    assert [ds[i].name for i in range(len(ds))] == ["a", "c", "d"]
+    assert ds.num_skipped == 1 and ds.skipped[0].path == str(tmp_path / "im" / "b.jpg")
+    assert ds.skipped[0].reason.startswith("corrupt image: image file is truncated")
+
+
+def test_decompression_bombs_are_skipped_and_named(tmp_path, monkeypatch):
+    for stem in ["big", "small"]:
+        _write_pair(tmp_path / "im", tmp_path / "gt", stem, size=(8, 8))
+    _write_pair(tmp_path / "im", tmp_path / "gt", "big", size=(64, 64))
+    _write_pair(tmp_path / "im", tmp_path / "gt", "bigmask", size=(8, 8))
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(tmp_path / "gt" / "bigmask.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 > 2 x 1000
+    for validate in ("header", "full"):
+        ds = data.open_dataset(str(tmp_path), split="val", validate=validate)
+        assert [p.name for p in ds.pairs] == ["small"]
+        reasons = {Path(s.path).stem: s.reason for s in ds.skipped}
+        assert reasons["big"].startswith("image is over Pillow's decompression-bomb limit: Image size")
+        assert "(4096 pixels) exceeds limit of 2000 pixels" in reasons["big"]
+        assert "Image.MAX_IMAGE_PIXELS = 1000" in reasons["big"]
+        assert reasons["bigmask"].startswith(f"mask {tmp_path / 'gt' / 'bigmask.png'} is over Pillow's")
 
 
 def test_exclude_list_and_no_valid_pair(messy_folder):

@@ -302,3 +302,77 @@ def test_main_runs_offline_without_tracking(tmp_path):
     main(["--params", str(params_file), "--out", str(tmp_path / "raw"), "--set", "embedded.seed=5"])
     manifest = raw_data.read_raw_manifest(tmp_path / "raw")
     assert manifest.content["seeds"]["embedded"] == 5
+
+
+def _local_dis5k(local: Path, *, vd_strays_only: bool = False) -> None:
+    """DIS-TR: 2 good pairs, a stray mask, an image without a mask, an oversized image; DIS-VD: 1 pair."""
+    tr, vd = local / "hqseg44k" / "DIS5K" / "DIS-TR", local / "hqseg44k" / "DIS5K" / "DIS-VD"
+    for folder in (tr / "im", tr / "gt", vd / "im", vd / "gt"):
+        folder.mkdir(parents=True)
+    for stem, seed in (("a", 0), ("b", 1)):
+        (tr / "im" / f"{stem}.jpg").write_bytes(_jpg(seed))
+        (tr / "gt" / f"{stem}.png").write_bytes(_png())
+    (tr / "gt" / "stray.png").write_bytes(_png())
+    (tr / "im" / "lonely.jpg").write_bytes(_jpg(3))
+    (tr / "im" / "huge.jpg").write_bytes(_jpg(4, size=(64, 64)))
+    (tr / "gt" / "huge.png").write_bytes(_png(size=(64, 64)))
+    (vd / "im" / "v.jpg").write_bytes(_jpg(2))
+    (vd / "gt" / ("w.png" if vd_strays_only else "v.png")).write_bytes(_png())
+
+
+def test_stray_and_oversized_files_are_skipped_named_and_counted(tmp_path, files, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # huge.jpg: 4096 > 2 x 1000 pixels
+    local = tmp_path / "mine"
+    _local_dis5k(local)
+    (local / "ckpt.pth").write_bytes(files["ckpt.pth"])
+    file_manifest = load_file_manifest(_manifest(tmp_path, "http://127.0.0.1:9", files))
+    out = tmp_path / "raw"
+    params = _params(source="local", local_root=str(local), items=["hqseg44k"])
+    metrics = run(params, FetchPaths(out), file_manifest=file_manifest)
+    assert metrics["DIS5K-TR_pairs"] == 2 and metrics["DIS-VD_pairs"] == 1
+    assert metrics["skipped_files"] == 3 and metrics["unmatched_files"] == 2
+    manifest = read_raw_manifest(out)
+    tr = manifest.content["datasets"]["hqseg44k"]["sets"]["DIS5K-TR"]
+    assert tr == {"split": "train", "valid_pairs": 2, "skipped": 3, "unmatched": 2}
+    assert manifest.content["counts"]["unmatched_files"] == 2
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest.content["skipped"]["hqseg44k"]}
+    assert reasons["stray.png"].startswith("mask without a .jpg image in ")
+    assert reasons["lonely.jpg"].startswith("image without a .png mask in ")
+    assert reasons["huge.jpg"].startswith("image is over Pillow's decompression-bomb limit")
+    assert "Image.MAX_IMAGE_PIXELS = 1000" in reasons["huge.jpg"]
+    # Later stages open the set (header check + the manifest's skip list) with the same record.
+    train = manifest.open_dataset("DIS5K-TR", split="train")
+    assert train.validate == "header" and [p.name for p in train.pairs] == ["a", "b"]
+    assert {Path(s.path).name for s in train.skipped} == set(reasons)
+
+
+def test_a_set_with_nothing_left_fails_the_stage_naming_its_folders(tmp_path, files):
+    local = tmp_path / "mine"
+    _local_dis5k(local, vd_strays_only=True)
+    file_manifest = load_file_manifest(_manifest(tmp_path, "http://127.0.0.1:9", files))
+    params = _params(source="local", local_root=str(local), items=["hqseg44k"])
+    with pytest.raises(FetchError) as err:
+        run(params, FetchPaths(tmp_path / "raw"), file_manifest=file_manifest)
+    message = str(err.value)
+    vd = local / "hqseg44k" / "DIS5K" / "DIS-VD"
+    assert "DIS-VD: no .jpg images with .png masks" in message and str(vd / "im") in message
+    assert "2 stray file(s) without a partner: v.jpg, w.png" in message
+    assert "DIS5K-TR" not in message
+
+
+def test_later_stages_decode_check_what_fetch_did_not(tmp_path):
+    """A folder path (e.g. in data.val) is opened with a full decode check, a fetched set is not."""
+    run(_params(source="embedded"), FetchPaths(tmp_path / "raw"))
+    manifest = read_raw_manifest(tmp_path / "raw")
+    assert manifest.open_dataset("embedded", split="val").validate == "header"
+    mine = tmp_path / "mine"
+    (mine / "im").mkdir(parents=True)
+    (mine / "gt").mkdir()
+    for stem, seed in (("a", 0), ("b", 1), ("c", 2)):
+        (mine / "im" / f"{stem}.jpg").write_bytes(_jpg(seed, size=(64, 80)))
+        (mine / "gt" / f"{stem}.png").write_bytes(_png(size=(64, 80)))
+    body = (mine / "im" / "b.jpg").read_bytes()
+    (mine / "im" / "b.jpg").write_bytes(body[: len(body) // 2])  # header fine, pixels truncated
+    ds = manifest.open_dataset(str(mine), split="val")
+    assert ds.validate == "full" and [ds[i].name for i in range(len(ds))] == ["a", "c"]
+    assert [s.path for s in ds.skipped] == [str(mine / "im" / "b.jpg")]

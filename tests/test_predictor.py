@@ -183,8 +183,12 @@ def test_bad_images_are_clear_errors(image, match):
 @pytest.mark.parametrize(
     "prompt, match",
     [
-        (dict(box=np.array([5.0, 4.0, 400.0, 30.0])), r"box .* outside the 60x48 image"),
-        (dict(box=np.array([-5.0, 4.0, 40.0, 30.0])), "outside"),
+        (
+            dict(box=np.array([100.0, 4.0, 400.0, 30.0])),
+            r"box \[100.0, 4.0, 400.0, 30.0\] does not overlap the 60x48 image \(W x H\)",
+        ),
+        (dict(box=np.array([-50.0, 4.0, 0.0, 30.0])), "does not overlap"),
+        (dict(box=np.array([5.0, np.nan, 40.0, 30.0])), "finite"),
         (dict(box=np.array([40.0, 4.0, 5.0, 30.0])), "x1 < x0"),
         (dict(box=np.array([1.0, 2.0, 3.0])), r"box must be \(4,\)"),
         (dict(point_coords=np.array([[10.0, 10.0]])), "need point_labels"),
@@ -203,6 +207,60 @@ def test_bad_prompts_are_clear_errors(prompt, match):
     predictor.set_image(_image())
     with pytest.raises(ValueError, match=match):
         predictor.predict(**prompt)
+
+
+def test_a_box_partly_outside_is_clipped_to_the_image(caplog):
+    model, _ = random_stable_sam("tiny")
+    predictor = StableSamPredictor(model)
+    predictor.set_image(_image())
+    with caplog.at_level("WARNING"):
+        loose = predictor.predict(box=np.array([-5.0, 4.0, 400.0, 30.0]), return_logits=True)
+    assert (
+        "box [-5.0, 4.0, 400.0, 30.0] reaches outside the 60x48 image (W x H); clipped to [0.0, 4.0, 60.0, 30.0]"
+        in caplog.text
+    )
+    tight = predictor.predict(box=np.array([0.0, 4.0, 60.0, 30.0]), return_logits=True)
+    for a, b in zip(loose, tight):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["channels", "grid", "batch", "dtype", "input_size", "original_size"],
+)
+def test_a_disk_entry_of_the_wrong_form_is_a_miss_recomputed_and_overwritten(tmp_path, caplog, damage):
+    model, _ = random_stable_sam("tiny")
+    image = _image()
+    first = StableSamPredictor(model, cache=EmbeddingCache(tmp_path))
+    first.set_image(image)
+    expected = first.get_image_embedding().cpu().clone()
+    (entry,) = tmp_path.rglob("*.pt")
+    payload = torch.load(entry, weights_only=True)
+    emb = payload["embedding"]
+    payload["embedding"] = {
+        "channels": emb[:, : emb.shape[1] // 2],
+        "grid": emb[..., :-1, :-1],
+        "batch": emb.expand(2, -1, -1, -1).clone(),
+        "dtype": emb.double(),
+    }.get(damage, emb)
+    if damage == "input_size":
+        payload["input_size"] = [5, 7]
+    if damage == "original_size":
+        payload["original_size"] = [48, 61]
+    torch.save(payload, entry)
+    counter = _EncoderCallCounter(model.sam.image_encoder)
+    cache = EmbeddingCache(tmp_path)
+    predictor = StableSamPredictor(model, cache=cache)
+    with caplog.at_level("WARNING"):
+        predictor.set_image(image)
+        predictor.predict(box=np.array([5.0, 4.0, 40.0, 30.0]))
+    assert counter.calls == 1 and cache.misses == 1 and cache.hits == 0
+    assert f"ignoring embedding cache entry {entry}: " in caplog.text and "recomputing it" in caplog.text
+    assert torch.equal(predictor.get_image_embedding().cpu(), expected)
+    # The recomputed entry overwrote the bad one: a fresh reader hits it.
+    again = StableSamPredictor(model, cache=EmbeddingCache(tmp_path))
+    again.set_image(image)
+    assert counter.calls == 1 and again.cache.hits == 1
 
 
 def test_predict_before_set_image_is_a_clear_error():
