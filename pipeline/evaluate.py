@@ -24,13 +24,18 @@ mean per model and prompt type, COCO AP), ``metrics/effect.json`` (the fixed-sha
 ``metrics/effect_checks.json`` (whether the targets hold), a markdown table in the paper's layout
 with SAM, Stable-SAM and Δ, a per-image CSV (SAM vs Stable-SAM per image and prompt type, to find
 where the model fails) and figures (SAM vs Stable-SAM under the same loose box and the same single
-click; DSP offsets), all logged to MLflow.
+click; DSP offsets), all logged to MLflow. They are written as one set at the end
+(:class:`stable_sam.atomic_write.AtomicFileSet`): every new file goes to a temporary sibling first,
+then all are renamed, so a failure or a kill before the renames leaves the previous run's files as
+they were (never a new ``evaluation.json`` beside an old ``effect_checks.json``); only a kill
+during the renames themselves could mix two runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import re
 import time
@@ -42,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stable_sam.atomic_write import AtomicFileSet
 from stable_sam.config import EvalConfig, Params
 from stable_sam.evaluation import (
     CocoResult,
@@ -62,8 +68,8 @@ from stable_sam.modeling import StableSam
 from .embed import coco_chunks, coco_sets, hq_chunks, hq_sets, sam_model, set_threads
 from .params import load_params, stage_argument_parser
 from .raw_data import read_raw_manifest
-from .readme_table import EFFECT_PROMPTS, write_text_atomic
-from .sam_source import read_sam_source, write_json_atomic
+from .readme_table import EFFECT_PROMPTS
+from .sam_source import json_text, read_sam_source
 
 __all__ = [
     "EvaluatePaths",
@@ -208,8 +214,11 @@ def _draw_figures(
     dataset: str,
     cfg: EvalConfig,
     out: Path,
-) -> list[Path]:
-    """SAM vs Stable-SAM under the same noisy box and the same single click; DSP offsets."""
+) -> dict[Path, bytes]:
+    """SAM vs Stable-SAM under the same noisy box and the same single click; DSP offsets.
+
+    Returns the PNG files (path under ``out`` -> content): they are written with the other outputs.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,17 +266,20 @@ def _draw_figures(
                     _to_frame(stable.masks[0], size),
                 )
             )
-    out.mkdir(parents=True, exist_ok=True)
     stem = _safe(f"{dataset}_{image.name}")
-    written = []
+    rendered = {}
     fig = compare_masks(frame, _to_frame(image.mask, size), panels, title=f"{dataset} · {image.name}")
-    written.append(out / f"{stem}_sam_vs_stable_sam.png")
-    fig.savefig(written[-1], dpi=110)
+    rendered[out / f"{stem}_sam_vs_stable_sam.png"] = _png_bytes(fig)
     if offset_entries:
         fig = offsets_figure(frame, offset_entries, title=f"{dataset} · {image.name}")
-        written.append(out / f"{stem}_offsets.png")
-        fig.savefig(written[-1], dpi=110)
-    return written
+        rendered[out / f"{stem}_offsets.png"] = _png_bytes(fig)
+    return rendered
+
+
+def _png_bytes(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
 
 
 def compact_metrics(results: dict[str, Any]) -> dict[str, Any]:
@@ -364,16 +376,13 @@ def effect_checks(effect: dict[str, Any]) -> dict[str, Any]:
     return checks
 
 
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write_csv(outputs: AtomicFileSet, path: Path, rows: Sequence[dict[str, Any]]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(tmp, "w", newline="") as f:
+    with outputs.open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    tmp.replace(path)
 
 
 def _merge_coco(into: dict[str, CocoResult], part: dict[str, CocoResult]) -> None:
@@ -398,7 +407,7 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
     resize, size = params.data.eval_resize, passes[0].model.img_size
     cache = ReadOnlyEmbeddingCache(paths.embeddings, max_memory_items=2 * 32)
     records: list[dict[str, Any]] = []
-    figures: list[Path] = []
+    rendered: dict[Path, bytes] = {}  # the figures, written with the other outputs at the end
     images: dict[str, int] = {}
     seconds: dict[str, float] = {}
 
@@ -416,7 +425,7 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
             for j, image in enumerate(chunk):
                 if image.index in wanted and image.frame_mask.any():
                     with torch.no_grad():
-                        figures += _draw_figures(
+                        rendered |= _draw_figures(
                             passes,
                             [e[j] for e in chunk_embeddings],
                             image,
@@ -506,16 +515,22 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
             cache.computed,
             paths.embeddings,
         )
-    write_json_atomic(paths.results, metrics)
-    write_json_atomic(paths.metrics, compact_metrics(metrics))
-    write_json_atomic(paths.effect, effect)
-    write_json_atomic(paths.checks, checks)
-    if paths.table is not None:
-        write_text_atomic(
-            paths.table, evaluation_markdown(metrics, figures=figures, relative_to=paths.table.parent)
-        )
-    if paths.per_image is not None:
-        _write_csv(paths.per_image, per_image_rows(records, baseline=BASELINE, model=MODEL))
+    # One set: all new versions are written before any old one is replaced (see AtomicFileSet),
+    # so a failure or a kill leaves the previous run's files together, never a mix of two runs.
+    figures = list(rendered)
+    with AtomicFileSet() as outputs:
+        for path, png in rendered.items():
+            outputs.write_bytes(path, png)
+        outputs.write_text(paths.results, json_text(metrics))
+        outputs.write_text(paths.metrics, json_text(compact_metrics(metrics)))
+        outputs.write_text(paths.effect, json_text(effect))
+        outputs.write_text(paths.checks, json_text(checks))
+        if paths.table is not None:
+            outputs.write_text(
+                paths.table, evaluation_markdown(metrics, figures=figures, relative_to=paths.table.parent)
+            )
+        if paths.per_image is not None:
+            _write_csv(outputs, paths.per_image, per_image_rows(records, baseline=BASELINE, model=MODEL))
     logger.info(
         "effect (mean over %s): noisy box mIoU %s -> %s, 1 point mIoU %s -> %s; all targets hold: %s",
         list(images), effect["base"]["noisy_box"]["miou"], effect["stable_sam"]["noisy_box"]["miou"],

@@ -15,10 +15,11 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from stable_sam.atomic_write import write_text_atomic
 
 __all__ = [
     "CHECK_ORDER",
@@ -157,20 +158,6 @@ def effect_markdown(effect: Mapping[str, Any], checks: Mapping[str, Any] | None 
         ]
         parts += ["", markdown_table(["Target", "Rule", "Measured", "Holds"], rows, align="llrc")]
     return "\n".join(parts) + "\n"
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Text to a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rewrite_marked_block(

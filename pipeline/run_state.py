@@ -6,18 +6,39 @@ named by the fingerprint, which hashes everything that determines the result: th
 resolved params, the content hashes of its inputs and the source code that computes it (the
 training code, not every file of the repo: an edit to the evaluation code must not make an
 interrupted training start over). A rerun with the same inputs resumes; any change starts afresh.
+
+A state that cannot be used (a truncated file, a kill during a copy, a file of other code) must
+not fail every rerun: :func:`resume_or_start` moves it aside to ``<name>.corrupt-<timestamp>``,
+says so naming both paths, and the stage starts over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["TRAINING_CODE", "code_fingerprint", "repo_root", "run_fingerprint", "state_dir"]
+import torch
+
+__all__ = [
+    "TRAINING_CODE",
+    "ResumeStateError",
+    "code_fingerprint",
+    "move_aside",
+    "read_state_file",
+    "repo_root",
+    "resume_or_start",
+    "run_fingerprint",
+    "state_dir",
+]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ROOT = Path(__file__).resolve().parent.parent
 # The code a training result depends on (modules, or packages = every .py below them).
@@ -61,3 +82,75 @@ def run_fingerprint(*parts: Any, code: Sequence[str]) -> str:
 
 def state_dir(stage: str, fingerprint: str) -> Path:
     return repo_root() / ".stage_state" / stage / fingerprint
+
+
+class ResumeStateError(RuntimeError):
+    """A resume state that cannot be loaded; the message names it and what to do."""
+
+
+def read_state_file(path: Path, *, required: Sequence[str] = ()) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of a resume state that must be a dict with ``required`` keys.
+
+    Raises:
+      ResumeStateError: naming the file, whatever the cause (truncated, not a torch file,
+        missing keys); the original error is chained.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated/corrupt files raise a variety of types
+        raise ResumeStateError(f"cannot read the resume state {path} ({type(err).__name__}: {err})") from err
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ResumeStateError(f"the resume state {path} lacks {missing}: it was written by other code")
+    return state
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a file or folder to ``<name>.corrupt-<timestamp>`` beside it; returns the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():  # never replace what an earlier move set aside
+        aside, n = path.with_name(f"{path.name}.corrupt-{stamp}-{n}"), n + 1
+    os.replace(path, aside)
+    return aside
+
+
+def resume_or_start(
+    path: Path,
+    build: Callable[[], T],
+    restore: Callable[[T, dict[str, Any]], None],
+    *,
+    required: Sequence[str],
+) -> tuple[T, dict[str, Any] | None]:
+    """Fresh objects from ``build()``, restored from the state file ``path`` when there is one.
+
+    Args:
+      path: the state file (``.stage_state/<stage>/<fingerprint>/state.pt``).
+      build: makes the objects a run starts from (model, optimiser), seeded, so that calling it
+        again gives the same start.
+      restore: loads a state into them (``load_state_dict``...).
+      required: the keys the state must have.
+
+    Returns:
+      (objects, state), with state None when there was none or it could not be used: a state
+      that does not load or that ``restore`` rejects (other shapes, other optimiser) is moved
+      aside with a warning naming it, and the objects are built again (``restore`` may have
+      changed them before it failed).
+    """
+    objects = build()
+    if not path.is_file():
+        return objects, None
+    try:
+        state = read_state_file(path, required=required)
+        try:
+            restore(objects, state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # load_state_dict's errors
+            raise ResumeStateError(
+                f"the resume state {path} does not fit this run ({type(err).__name__}: {err})"
+            ) from err
+    except ResumeStateError as err:
+        aside = move_aside(path)
+        logger.warning("%s; moved it to %s and starting over", err, aside)
+        return build(), None
+    return objects, state

@@ -9,12 +9,12 @@ official checkpoint (fetched or given by the user) or the project's released sma
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["SamSource", "read_sam_source", "write_json_atomic", "write_sam_source"]
+from stable_sam.atomic_write import write_text_atomic
+
+__all__ = ["SamSource", "json_text", "read_sam_source", "write_json_atomic", "write_sam_source"]
 
 POINTER_NAME = "sam.json"
 
@@ -37,19 +37,14 @@ class SamSource:
     origin: str
 
 
+def json_text(content: dict) -> str:
+    """The pipeline's JSON layout: indented, sorted keys, a final newline."""
+    return json.dumps(content, indent=2, sort_keys=True) + "\n"
+
+
 def write_json_atomic(path: str | Path, content: dict) -> None:
-    """JSON to a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """JSON to a temporary file in the same folder, then rename (mode 0o666 minus the umask)."""
+    write_text_atomic(path, json_text(content))
 
 
 def write_sam_source(base_dir: str | Path, source: SamSource, *, root: str | Path | None = None) -> Path:

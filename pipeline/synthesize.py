@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from pipeline.params import load_params, stage_argument_parser
 from pipeline.raw_data import RAW_MANIFEST_NAME, portable_path, read_raw_manifest
 from stable_sam import data as data_lib
+from stable_sam.atomic_write import write_bytes_atomic
 from stable_sam.config import Params
 from stable_sam.occlusion import OcclusionResult, synthesize_occlusion
 
@@ -106,9 +107,8 @@ def _occluder_object(sample: data_lib.Sample, generator: np.random.Generator) ->
 
 
 def _atomic_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    # No fsync per image: the work folder is renamed into place only when complete.
+    write_bytes_atomic(path, payload, fsync=False)
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -35,6 +35,12 @@ Grouping. All stage runs of one ``dvc repro`` / ``dvc exp run`` become children 
 The first stage run of a group creates the parent run; later ones find it by a tag search. The
 parent is RUNNING while one of its stages runs and ends FAILED as soon as one stage failed.
 
+Killed stages. A stage killed outright (SIGKILL, the OOM killer) cannot end its run. Each stage
+run carries the tag ``pipeline.process`` (boot id, PID namespace, PID and start time of its
+process); when a stage run starts, earlier runs of the same stage on the same host that are still
+RUNNING and whose process is gone are set to KILLED (with a warning naming them), and so is their
+parent run when it belongs to another group and none of its stage runs is RUNNING any more.
+
 Where runs go. ``TrackingConfig.uri`` if set, else env ``MLFLOW_TRACKING_URI``, else the embedded
 store ``sqlite:///<repo root>/mlflow.db`` (no server). The repo root is env ``DVC_ROOT`` (DVC sets
 it; queued ``dvc exp run`` executes in a temporary copy, where a cwd-relative DB would vanish),
@@ -270,6 +276,35 @@ def _process_start_label(proc: Path, start_ticks: int) -> str:
     except (OSError, ValueError, StopIteration):
         return ""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(btime + start_ticks / hz))
+
+
+PROCESS_TAG = "pipeline.process"
+
+
+def _process_identity(proc: Path = Path("/proc")) -> str | None:
+    """``<boot id>|<PID namespace>|<pid>|<start ticks>`` of this process; None without a Linux /proc."""
+    try:
+        boot = (proc / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+        namespace = os.readlink(proc / "self" / "ns" / "pid")  # "pid:[4026531836]"
+        start = _read_proc_stat(proc, os.getpid())[1]
+    except (OSError, ValueError, IndexError):
+        return None
+    return f"{boot}|{namespace}|{os.getpid()}|{start}"
+
+
+def _process_gone(identity: str, proc: Path = Path("/proc")) -> bool:
+    """True when the process named by ``identity`` ran in this boot and PID namespace and has exited
+    (or its PID now belongs to a younger process); False when it runs or that cannot be told."""
+    mine = _process_identity(proc)
+    parts = identity.split("|")
+    if mine is None or len(parts) != 4 or mine.split("|")[:2] != parts[:2]:
+        return False
+    try:
+        return _read_proc_stat(proc, int(parts[2]))[1] != int(parts[3])
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def run_group(
@@ -939,10 +974,44 @@ class Tracker:
         self._parent_id = self._parent_run(experiment_id)
         if self._parent_id is not None:
             self._tags["mlflow.parentRunId"] = self._parent_id
+        self._end_runs_of_dead_processes(experiment_id)
         run = client.create_run(experiment_id, run_name=self._run_name, tags=self._tags)
         self._run_id = run.info.run_id
         self._artifact_uri = run.info.artifact_uri
         return self._run_id
+
+    def _end_runs_of_dead_processes(self, experiment_id: str) -> None:
+        """Set to KILLED the RUNNING runs of this stage on this host whose process is gone."""
+        client, stage, host = self._client, self._tags.get("pipeline.stage"), self._tags.get("host")
+        if not stage or not host or PROCESS_TAG not in self._tags:
+            return
+        query = (
+            f"attributes.status = 'RUNNING' and tags.`pipeline.role` = 'stage' and "
+            f"tags.`pipeline.stage` = '{stage}' and tags.host = '{host}'"
+        )
+        parents = set()
+        for run in client.search_runs([experiment_id], filter_string=query):
+            identity = run.data.tags.get(PROCESS_TAG)
+            if identity is None or not _process_gone(identity):
+                continue
+            client.set_terminated(run.info.run_id, status="KILLED")
+            logger.warning(
+                "MLflow run %s (%s, started %s) was still RUNNING but its process (pid %s on %s) is "
+                "gone: marked KILLED",
+                run.info.run_id, run.info.run_name,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000)),
+                identity.split("|")[2], host,
+            )  # fmt: skip
+            parents.add(run.data.tags.get("mlflow.parentRunId"))
+        for parent in parents - {None, self._parent_id}:
+            running = client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'",
+                max_results=1,
+            )
+            if not running and client.get_run(parent).info.status == "RUNNING":
+                client.set_terminated(parent, status="KILLED")
+                logger.warning("MLflow parent run %s had no running stage left: marked KILLED", parent)
 
     def _require_run(self) -> str:
         if self._run_id is None:
@@ -1106,6 +1175,9 @@ def stage_run(stage: str, params: Params, *, params_path: Path | str | None = No
         "mlflow.source.name": f"pipeline.{stage}",
         "host": socket.gethostname(),
     }
+    identity = _process_identity()
+    if identity is not None:
+        tags[PROCESS_TAG] = identity
     with contextlib.suppress(KeyError, OSError):
         tags["mlflow.user"] = getpass.getuser()
     if commit != "unknown":

@@ -48,14 +48,29 @@ from stable_sam.training import (
 from .params import load_params, stage_argument_parser
 from .raw_data import read_raw_manifest
 from .ray_runtime import check_resources, init_ray, is_loopback_ray
-from .run_state import TRAINING_CODE, repo_root, run_fingerprint
+from .run_state import (
+    TRAINING_CODE,
+    ResumeStateError,
+    move_aside,
+    read_state_file,
+    repo_root,
+    run_fingerprint,
+)
 from .sam_source import SamSource, read_sam_source, write_json_atomic
 
-__all__ = ["TrainPaths", "main", "run", "train_loop_per_worker"]
+__all__ = [
+    "TrainPaths",
+    "main",
+    "restore_training_state",
+    "run",
+    "set_aside_unusable_ray_run",
+    "train_loop_per_worker",
+]
 
 logger = logging.getLogger("pipeline.train")
 
 STATE_FILE = "state.pt"
+TRAIN_STATE_KEYS = ("trainable", "optimizer", "step", "history")
 # Fault injection for tests: "<step>:<marker file>" makes one worker die once at that step.
 FAIL_ONCE_ENV = "STABLE_SAM_FAIL_ONCE_AT_STEP"
 
@@ -126,10 +141,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_trainable_state_dict(state["trainable"], source="Ray checkpoint")
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, history = int(state["step"]), list(state["history"])
+            start_step, history = restore_training_state(
+                Path(directory), model, optimizer, run_dir=config["ray_run_dir"]
+            )
         if rank == 0:
             logger.info("resuming from the checkpoint of step %d", start_step)
 
@@ -217,6 +231,63 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(dict(row), checkpoint=report_checkpoint)
 
 
+def restore_training_state(
+    checkpoint_dir: Path, model: Any, optimizer: torch.optim.Optimizer, *, run_dir: str
+) -> tuple[int, list[dict[str, float]]]:
+    """Load a Ray checkpoint's state into the model and optimiser; returns (step, history).
+
+    Raises:
+      ResumeStateError: naming the checkpoint and the Ray run folder to remove when the state
+        does not load or does not fit (Ray hands the same checkpoint to every restart).
+    """
+    state_file = checkpoint_dir / STATE_FILE
+    try:
+        state = read_state_file(state_file, required=TRAIN_STATE_KEYS)
+        model.load_trainable_state_dict(state["trainable"], source=str(state_file))
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), list(state["history"])
+    except (ResumeStateError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ResumeStateError(
+            f"cannot resume from the Ray checkpoint {checkpoint_dir}: {err}. Every rerun resumes from "
+            f"it: remove (or move aside) the Ray run folder {run_dir} to train from the start"
+        ) from err
+
+
+def set_aside_unusable_ray_run(run_dir: Path) -> Path | None:
+    """Move the Ray run folder aside when Ray could not resume from it; returns where it went.
+
+    Ray resumes a run from the latest checkpoint of its snapshot and gives that checkpoint to
+    every worker restart, so an unreadable snapshot or state file would fail every rerun. Checked
+    on the driver before ``fit``: the snapshot through Ray's ``Result.from_path``, the latest
+    checkpoint's state file with :func:`read_state_file`. A folder without a snapshot (killed
+    before its first checkpoint) holds nothing to resume and is left to Ray.
+    """
+    if not run_dir.exists():
+        return None
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(run_dir)
+    except RuntimeError:  # no folder or no checkpoint snapshot in it: Ray starts afresh
+        return None
+    except Exception as err:  # the snapshot does not parse (Ray's own error types)
+        reason = f"its checkpoint snapshot cannot be read ({type(err).__name__}: {err})"
+    else:
+        if result.checkpoint is None:
+            return None
+        try:
+            with result.checkpoint.as_directory() as directory:
+                read_state_file(Path(directory) / STATE_FILE, required=TRAIN_STATE_KEYS)
+            return None
+        except ResumeStateError as err:
+            reason = str(err)
+    aside = move_aside(run_dir)
+    logger.warning(
+        "Ray run %s cannot be resumed: %s; moved it to %s and training from the start", run_dir, reason, aside
+    )
+    return aside
+
+
 def _dataset_spec(params: Params, paths: TrainPaths) -> tuple[dict[str, str], Path]:
     if params.train.use_occlusion:
         return {"kind": "folder", "path": str(paths.occluded.resolve())}, paths.occluded
@@ -278,6 +349,7 @@ def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, 
     check_resources(
         num_workers=scaling.num_workers, cpus_per_worker=scaling.cpus_per_worker, use_gpu=scaling.use_gpu
     )
+    set_aside_unusable_ray_run(storage / run_name)
     # A single-machine Ray (ours, or the tests'): torch's rendezvous store and gloo on loopback too.
     torch_config = None
     if is_loopback_ray() and not scaling.use_gpu:
@@ -294,6 +366,7 @@ def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, 
             "local_batch": local_batch,
             "total_steps": total_steps,
             "threads": max(1, int(scaling.cpus_per_worker)),
+            "ray_run_dir": str(storage / run_name),
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,

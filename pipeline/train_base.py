@@ -40,7 +40,7 @@ from stable_sam.training import (
 )
 
 from .params import load_params, stage_argument_parser
-from .run_state import TRAINING_CODE, run_fingerprint, state_dir
+from .run_state import TRAINING_CODE, resume_or_start, run_fingerprint, state_dir
 from .sam_source import write_json_atomic
 
 __all__ = ["TrainBasePaths", "main", "run"]
@@ -107,21 +107,28 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
     resume_dir = state_dir("train_base", fingerprint)
     resume_file = resume_dir / "state.pt"
 
-    # Module initialisers draw from the global RNG: seed it from params for reproducibility.
-    torch.manual_seed(cfg.seed)
-    sam, _ = build_sam(params.sam.type)
-    model = StableSam(sam=sam, sam_type=params.sam.type, plugin_config=PluginConfig(variant="none"))
-    # The base model IS SAM being trained: every SAM weight is trainable here.
-    model.sam.requires_grad_(True)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, warmup=cfg.warmup_steps, total=cfg.steps)
+    def build() -> tuple[StableSam, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        # Module initialisers draw from the global RNG: seed it from params for reproducibility.
+        torch.manual_seed(cfg.seed)
+        sam, _ = build_sam(params.sam.type)
+        model = StableSam(sam=sam, sam_type=params.sam.type, plugin_config=PluginConfig(variant="none"))
+        # The base model IS SAM being trained: every SAM weight is trainable here.
+        model.sam.requires_grad_(True)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return model, optimizer, warmup_cosine(optimizer, warmup=cfg.warmup_steps, total=cfg.steps)
+
+    def restore(objects, state: dict[str, Any]) -> None:
+        objects[0].sam.load_state_dict(state["sam"])
+        objects[1].load_state_dict(state["optimizer"])
+        objects[2].load_state_dict(state["scheduler"])
+
+    # An unusable state (truncated by a kill, other code) is moved aside and training starts over.
+    (model, optimizer, scheduler), state = resume_or_start(
+        resume_file, build, restore, required=("sam", "optimizer", "scheduler", "step", "history")
+    )
     start_step, history = 0, []
-    if resume_file.is_file():
-        state = torch.load(resume_file, map_location="cpu", weights_only=True)
-        model.sam.load_state_dict(state["sam"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    if state is not None:
         start_step, history = int(state["step"]), list(state["history"])
         logger.info("resuming train_base from step %d (%s)", start_step, resume_file)
 

@@ -16,13 +16,13 @@ A checkpoint is a ``torch.save``d dict of plain containers and tensors, readable
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic_write import atomic_open
 from .config import PluginConfig, TuningConfig, config_from_dict, config_to_dict
 from .modeling.stable_sam import StableSam
 
@@ -40,19 +40,12 @@ _CONFIG_TYPES = {"plugin_config": PluginConfig, "tuning": TuningConfig}
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file.
+
+    The file gets the mode a plain ``open`` would give it (0o666 minus the umask).
+    """
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 @dataclass

@@ -6,10 +6,16 @@ only knows how to get one URL onto disk safely:
 
 - the body streams into ``<dest>.part`` (hashed on the fly, with a tqdm bar);
 - a partial ``.part`` left by a cut connection or an earlier run is resumed with an HTTP
-  ``Range`` request (a server that ignores the range restarts the file from zero);
+  ``Range`` request, only if it is a piece of the server's current file: the ETag / Last-Modified
+  of the response that started it are kept in ``<dest>.part.json`` and sent as ``If-Range``, and
+  the file restarts from zero when the server answers with the whole file (200: another version,
+  or a server that ignores ranges) or with validators that differ. A part whose version cannot be
+  confirmed (no validator) is resumed only when a sha256 will check the result; without one it
+  restarts from zero, so a stale part can never become an accepted (and hash-pinned) file;
 - the sha256 and size are checked before ``os.replace`` moves the file to its final name, so a
   file at the final path is always complete and verified; a mismatch removes the ``.part`` and
-  raises :class:`ChecksumError` naming the file and both hashes.
+  raises :class:`ChecksumError` naming the file and both hashes. A file downloaded without an
+  expected sha256 is logged as trust-on-first-use: its hash is recorded, not verified.
 
 :func:`safe_extract` refuses, before writing anything, every zip/tar member that is absolute,
 climbs out with ``..``, is a link (symbolic or hard) or a device, and extracts into a temporary
@@ -19,6 +25,7 @@ sibling folder that is renamed into place only when complete.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -33,6 +40,8 @@ from typing import Any, BinaryIO
 
 import requests
 from tqdm.auto import tqdm
+
+from .atomic_write import write_text_atomic
 
 __all__ = [
     "ChecksumError",
@@ -159,7 +168,13 @@ def download_file(
         for attempt in range(retries + 1):
             try:
                 resumed += _transfer(
-                    url, part, session, timeout=timeout, chunk_size=chunk_size, size=expected_size
+                    url,
+                    part,
+                    session,
+                    timeout=timeout,
+                    chunk_size=chunk_size,
+                    size=expected_size,
+                    verified=expected_sha256 is not None,
                 )
                 break
             except (
@@ -185,37 +200,149 @@ def download_file(
         _check(name, url, size, digest, expected_size, expected_sha256)
     except ChecksumError:
         part.unlink(missing_ok=True)
+        _validators_file(part).unlink(missing_ok=True)
         raise
     with open(part, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(part, dest)
+    _validators_file(part).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     logger.info("%s: %d bytes, sha256 %s, %.1f s", dest, size, digest, seconds)
+    if expected_sha256 is None:
+        logger.warning(
+            "%s: no published sha256 to verify it against; its sha256 %s is recorded as "
+            "trust-on-first-use, not verified",
+            dest,
+            digest,
+        )
     return DownloadResult(dest, digest, size, False, resumed, seconds)
 
 
+def _validators_file(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _validators(headers: Any) -> dict[str, str]:
+    """The version identifiers of a response: a strong ETag and/or Last-Modified."""
+    found = {}
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):  # If-Range needs a strong validator
+        found["etag"] = etag
+    if headers.get("Last-Modified"):
+        found["last_modified"] = headers["Last-Modified"]
+    return found
+
+
+def _stored_validators(part: Path, url: str) -> dict[str, str]:
+    """The validators of the response that started ``part``; empty when unknown or for another URL."""
+    try:
+        stored = json.loads(_validators_file(part).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        logger.warning(
+            "%s: unreadable (%s); the partial file's version is unknown", _validators_file(part), err
+        )
+        return {}
+    if not isinstance(stored, dict) or stored.get("url") != url:
+        return {}
+    return {k: stored[k] for k in ("etag", "last_modified") if isinstance(stored.get(k), str)}
+
+
+def _same_version(stored: dict[str, str], headers: Any) -> bool | None:
+    """True/False when a validator of the response matches/differs from the stored one, else None."""
+    current = _validators(headers)
+    shared = [k for k in ("etag", "last_modified") if k in stored and k in current]
+    if not shared:
+        return None
+    return all(stored[k] == current[k] for k in shared)
+
+
+def _restart(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _validators_file(part).unlink(missing_ok=True)
+
+
 def _transfer(
-    url: str, part: Path, session: requests.Session, *, timeout: float, chunk_size: int, size: int | None
+    url: str,
+    part: Path,
+    session: requests.Session,
+    *,
+    timeout: float,
+    chunk_size: int,
+    size: int | None,
+    verified: bool,
 ) -> int:
-    """Append the rest of ``url`` to ``part``; returns 1 if the request resumed with a Range."""
+    """Append the rest of ``url`` to ``part``; returns 1 if the request resumed with a Range.
+
+    ``verified``: a sha256 will check the complete file, so a part whose version cannot be
+    confirmed may still be resumed (a stale one fails that check instead of being accepted).
+    """
+    name = part.name[: -len(".part")]
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset > size:  # a stale part of some other file
-        part.unlink()
+        _restart(part)
         offset = 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    stored = _stored_validators(part, url) if offset else {}
+    headers = {}
+    if offset:
+        if_range = stored.get("etag") or stored.get("last_modified")
+        if if_range is None and not verified:
+            logger.info(
+                "%s: the version of the partial file %s is unknown (no ETag/Last-Modified stored) and "
+                "there is no sha256 to check a resumed file: restarting from byte 0",
+                name,
+                part,
+            )
+            _restart(part)
+            offset = 0
+        else:
+            headers["Range"] = f"bytes={offset}-"
+            if if_range is not None:
+                headers["If-Range"] = if_range
     try:
         response = session.get(url, headers=headers, stream=True, timeout=timeout)
     except requests.exceptions.InvalidURL as err:
-        raise DownloadError(f"{part.name[:-5]}: invalid URL {url!r}: {err}") from err
+        raise DownloadError(f"{name}: invalid URL {url!r}: {err}") from err
     with response:
-        if response.status_code == 416 and offset:
-            # The part already holds every byte the server has: verify it as it is.
+        if response.status_code >= 400 and not (response.status_code == 416 and offset):
+            raise DownloadError(f"{name}: HTTP {response.status_code} {response.reason} for {url}")
+        same = _same_version(stored, response.headers) if offset else None
+        if (
+            offset
+            and response.status_code in (206, 416)
+            and (same is False or (same is None and not verified))
+        ):
+            # A server that ignored If-Range answered for another version, or for a version we
+            # cannot confirm: the part may be a piece of another file.
+            if same is False:
+                logger.warning(
+                    "%s: the server's file changed since %s was started (stored %s, server %s): "
+                    "restarting from byte 0",
+                    name, part, stored, _validators(response.headers),
+                )  # fmt: skip
+            else:
+                logger.warning(
+                    "%s: the server does not confirm that %s is a piece of its current file (no "
+                    "ETag/Last-Modified in its answer) and there is no sha256 to check a resumed "
+                    "file: restarting from byte 0",
+                    name, part,
+                )  # fmt: skip
+            response.close()
+            _restart(part)
+            return _transfer(
+                url, part, session, timeout=timeout, chunk_size=chunk_size, size=size, verified=verified
+            )
+        if response.status_code == 416:
+            # The part already holds every byte of this version: verify it as it is.
             return 0
-        if response.status_code >= 400:
-            raise DownloadError(f"{part.name[:-5]}: HTTP {response.status_code} {response.reason} for {url}")
         resumed = response.status_code == 206 and offset > 0
         if offset and not resumed:
-            logger.info("%s: server ignored the Range request; restarting from byte 0", url)
+            logger.info(
+                "%s: the server sent the whole file (another version, or it ignores Range): "
+                "restarting from byte 0",
+                url,
+            )
             offset = 0
         if resumed:
             content_range = response.headers.get("Content-Range", "")
@@ -223,6 +350,11 @@ def _transfer(
                 raise DownloadError(
                     f"{url}: unexpected Content-Range {content_range!r} for a resume at {offset}"
                 )
+        else:
+            # Recorded before the first byte, so a cut transfer resumes against this very version.
+            write_text_atomic(
+                _validators_file(part), json.dumps({"url": url, **_validators(response.headers)})
+            )
         length = response.headers.get("Content-Length")
         total = size if size is not None else (offset + int(length) if length is not None else None)
         with (
@@ -233,7 +365,7 @@ def _transfer(
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
-                desc=part.name[:-5],
+                desc=name,
                 leave=False,
             ) as bar,
         ):

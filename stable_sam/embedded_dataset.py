@@ -31,7 +31,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 from tqdm.auto import tqdm
+
+from .atomic_write import write_bytes_atomic
 
 __all__ = [
     "CATEGORIES",
@@ -426,9 +427,8 @@ def generate_scene(rng: np.random.Generator, *, image_size: int, min_objects: in
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    # No fsync per image: the files are small and many, and a rerun regenerates them identically.
+    write_bytes_atomic(path, data, fsync=False)
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

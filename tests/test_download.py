@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
+import os
 import stat
 import tarfile
 import threading
@@ -29,13 +32,19 @@ class FileServer:
 
     ``cut_first``: paths whose first GET sends the full Content-Length but only half of the body
     and then closes the connection. ``ignore_range``: answer every request with 200 + the full body.
+    Every answer carries an ``ETag`` (from the content) and a ``Last-Modified``, unless
+    ``validators`` is False; ``If-Range`` is honoured (a differing validator gets 200 + the whole
+    file) unless ``ignore_if_range``. ``if_ranges`` records each request's ``If-Range``.
     """
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = dict(files)
         self.cut_first: set[str] = set()
         self.ignore_range = False
+        self.ignore_if_range = False
+        self.validators = True
         self.requests: list[tuple[str, str | None]] = []
+        self.if_ranges: list[str | None] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,11 +53,16 @@ class FileServer:
 
             def do_GET(self) -> None:
                 range_header = self.headers.get("Range")
+                if_range = self.headers.get("If-Range")
                 server.requests.append((self.path, range_header))
+                server.if_ranges.append(if_range)
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_error(404, "Not Found")
                     return
+                validators = server.file_validators(body) if server.validators else {}
+                if if_range and not server.ignore_if_range and if_range not in validators.values():
+                    range_header = None  # another version: the whole file
                 start = 0
                 if range_header and not server.ignore_range:
                     start = int(range_header.removeprefix("bytes=").split("-")[0])
@@ -63,6 +77,8 @@ class FileServer:
                 else:
                     self.send_response(200)
                 payload = body[start:]
+                for header, value in validators.items():
+                    self.send_header(header, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
@@ -79,6 +95,16 @@ class FileServer:
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
         )
+
+    @staticmethod
+    def file_validators(body: bytes) -> dict[str, str]:
+        digest = hashlib.sha256(body).hexdigest()
+        # A distinct, stable date per content (the test files change within one second).
+        return {
+            "ETag": f'"{digest[:16]}"',
+            "Last-Modified": f"Mon, 01 Jan 2024 00:{int(digest[:8], 16) % 3600 // 60:02d}:"
+            f"{int(digest[:8], 16) % 60:02d} GMT",
+        }
 
     @property
     def url(self) -> str:
@@ -210,6 +236,115 @@ def test_present_file_is_not_downloaded_again(tmp_path, server, payload):
     result = download_file(f"{server.url}/model.pth", dest, expected_sha256=sha(payload))
     assert result.already_present and server.requests == []
     assert sha256_file(dest) == sha(payload)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming only a piece of the server's current file
+
+
+@pytest.fixture
+def new_version(payload) -> bytes:
+    """Another file of the same size (what the server holds after an update)."""
+    changed = np.random.default_rng(1).integers(0, 256, len(payload), dtype=np.uint8).tobytes()
+    assert FileServer.file_validators(changed) != FileServer.file_validators(payload)
+    return changed
+
+
+def _cut_once(server: FileServer, dest: Path, expected_sha256: str | None = None) -> Path:
+    """A first download cut half-way: leaves ``<dest>.part`` (and its validators) behind."""
+    server.cut_first.add("/model.pth")
+    with pytest.raises(DownloadError, match="kept"):
+        download_file(f"{server.url}/model.pth", dest, expected_sha256=expected_sha256, retries=0)
+    part = dest.with_name(dest.name + ".part")
+    assert part.is_file() and dest.with_name(dest.name + ".part.json").is_file()
+    return part
+
+
+def test_resume_sends_if_range_with_the_etag_of_the_first_answer(tmp_path, server, payload):
+    dest = tmp_path / "model.pth"
+    _cut_once(server, dest)
+    result = download_file(f"{server.url}/model.pth", dest)
+    assert dest.read_bytes() == payload and result.resumed_requests == 1
+    assert server.if_ranges == [None, FileServer.file_validators(payload)["ETag"]]
+    assert not dest.with_name("model.pth.part.json").exists()  # gone with the part
+
+
+@pytest.mark.parametrize("published_sha256", [False, True])
+def test_a_changed_file_after_a_partial_download_restarts_from_zero(
+    tmp_path, server, payload, new_version, published_sha256, caplog
+):
+    dest = tmp_path / "model.pth"
+    _cut_once(server, dest, expected_sha256=sha(payload) if published_sha256 else None)
+    server.files["/model.pth"] = new_version  # the server publishes another version
+    expected = sha(new_version) if published_sha256 else None
+    with caplog.at_level(logging.INFO, logger="stable_sam.download"):
+        result = download_file(f"{server.url}/model.pth", dest, expected_sha256=expected)
+    # Not the old part + the new file's tail: If-Range got the whole new file (200).
+    assert dest.read_bytes() == new_version and result.resumed_requests == 0
+    assert server.requests[-1][1] is not None and server.if_ranges[-1] is not None
+    assert "the server sent the whole file" in caplog.text
+
+
+def test_a_server_ignoring_if_range_with_another_etag_restarts_from_zero(
+    tmp_path, server, payload, new_version, caplog
+):
+    dest = tmp_path / "model.pth"
+    _cut_once(server, dest)
+    server.files["/model.pth"] = new_version
+    server.ignore_if_range = True  # answers 206 for the new version
+    with caplog.at_level(logging.INFO, logger="stable_sam.download"):
+        result = download_file(f"{server.url}/model.pth", dest)
+    assert dest.read_bytes() == new_version and result.resumed_requests == 0
+    assert server.requests[-1] == ("/model.pth", None)  # the restart asks for the whole file
+    assert "the server's file changed since" in caplog.text and "restarting from byte 0" in caplog.text
+
+
+def test_unverified_part_of_unknown_version_is_not_resumed(tmp_path, server, payload, new_version, caplog):
+    # A part left without validators (an older run, or a server that sends none) and no sha256:
+    # appending to it could make a corrupt file whose hash gets pinned. It restarts from zero.
+    dest = tmp_path / "model.pth"
+    dest.with_name("model.pth.part").write_bytes(payload[:100_000])
+    server.files["/model.pth"] = new_version
+    with caplog.at_level(logging.INFO, logger="stable_sam.download"):
+        result = download_file(f"{server.url}/model.pth", dest)
+    assert server.requests == [("/model.pth", None)]
+    assert dest.read_bytes() == new_version and result.resumed_requests == 0
+    assert "version of the partial file" in caplog.text and "restarting from byte 0" in caplog.text
+    assert "recorded as trust-on-first-use, not verified" in caplog.text
+
+
+def test_unverified_download_from_a_server_without_validators_never_resumes(tmp_path, server, payload):
+    server.validators = False
+    server.cut_first.add("/model.pth")
+    dest = tmp_path / "model.pth"
+    result = download_file(f"{server.url}/model.pth", dest, retries=1, backoff_s=0.0)
+    assert dest.read_bytes() == payload and result.resumed_requests == 0
+    assert server.requests == [("/model.pth", None), ("/model.pth", None)]
+    # With a published sha256 the same cut is resumed: the hash checks the result.
+    dest.unlink()
+    server.cut_first.add("/model.pth")
+    result = download_file(
+        f"{server.url}/model.pth", dest, expected_sha256=sha(payload), retries=1, backoff_s=0
+    )
+    assert dest.read_bytes() == payload and result.resumed_requests == 1
+
+
+def test_validators_of_another_url_are_not_used(tmp_path, server, payload):
+    dest = tmp_path / "model.pth"
+    part = _cut_once(server, dest)
+    sidecar = part.with_name("model.pth.part.json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "url": "http://elsewhere/model.pth"}))
+    download_file(f"{server.url}/model.pth", dest)
+    assert server.requests[-1] == ("/model.pth", None) and dest.read_bytes() == payload
+
+
+def test_downloaded_file_has_the_umask_mode(tmp_path, server, payload):
+    previous = os.umask(0o027)
+    try:
+        download_file(f"{server.url}/model.pth", tmp_path / "model.pth", expected_sha256=sha(payload))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.pth").stat().st_mode) == 0o640
 
 
 # ------------------------------------------------------------------------------------------------

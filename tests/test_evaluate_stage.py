@@ -26,6 +26,7 @@ from pipeline.evaluate import EvaluatePaths, effect_checks
 from pipeline.evaluate import run as evaluate
 from pipeline.raw_data import write_raw_manifest
 from pipeline.sam_source import SamSource, write_sam_source
+from stable_sam.atomic_write import AtomicFileSet
 from stable_sam.build import build_sam, build_stable_sam, file_sha256
 from stable_sam.checkpoint import save_plugin_checkpoint
 from stable_sam.config import DataConfig, EvalConfig, Params, PluginConfig, TrackingConfig, TuningConfig
@@ -329,3 +330,38 @@ def test_lora_checkpoint_bypasses_the_cache_and_says_so(tmp_path, monkeypatch):
     )
     effect = json.loads((tmp_path / "out" / "metrics" / "effect.json").read_text())
     assert effect["stable_sam"]["gt_box"]["alpha1"] is None  # no routing without plug-ins
+
+
+def _output_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_outputs_are_replaced_as_one_set(project, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    evaluate(tiny_params(draws=1), eval_paths(project, out))
+    old = _output_files(out)
+    assert {"reports/evaluation.json", "metrics/effect_checks.json", "reports/per_image.csv"} <= set(old)
+    assert any(name.startswith("plots/evaluate/") for name in old)
+
+    # A failure after the first new file was written (disk full, a kill): nothing old is replaced.
+    original, calls = AtomicFileSet.write_text, []
+
+    def fail_after_first(self, path, text):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        original(self, path, text)
+
+    monkeypatch.setattr(AtomicFileSet, "write_text", fail_after_first)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate(tiny_params(draws=2), eval_paths(project, out))
+    assert len(calls) == 2
+    assert _output_files(out) == old  # every old file unchanged, no temporary left
+
+    monkeypatch.setattr(AtomicFileSet, "write_text", original)
+    evaluate(tiny_params(draws=2), eval_paths(project, out))
+    new = _output_files(out)
+    assert set(new) == set(old)
+    assert json.loads(new["reports/evaluation.json"])["draws"] == 2
+    changed = {name for name in old if new[name] != old[name]}
+    assert {"reports/evaluation.json", "metrics/effect.json", "reports/per_image.csv"} <= changed

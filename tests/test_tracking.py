@@ -327,6 +327,65 @@ def test_standalone_stage_has_no_parent(
     assert tags["pipeline.group"].startswith("standalone-") and "mlflow.parentRunId" not in tags
 
 
+def test_a_killed_stage_run_is_marked_killed_when_the_stage_starts_again(
+    project: Path, store: str, client: MlflowClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    experiment = "stable-sam-killed"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pipeline.tracking import stage_run
+        from stable_sam.config import Params
+        params = Params()
+        params.tracking.uri, params.tracking.experiment = {store!r}, {experiment!r}
+        with stage_run("evaluate", params) as tracker:
+            print(tracker.run_id, flush=True)
+            time.sleep(300)
+        """
+    )
+    # An earlier pipeline execution (its own group) whose evaluate stage is killed outright.
+    env = {**os.environ, ENV_RUN_GROUP: f"killed-{uuid.uuid4().hex[:8]}"}
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env) as proc:
+        killed = proc.stdout.readline().strip()
+        proc.kill()
+    assert client.get_run(killed).info.status == "RUNNING"
+    killed_parent = client.get_run(killed).data.tags["mlflow.parentRunId"]
+
+    identity = tracking._process_identity()
+    assert identity is not None
+    boot, namespace, pid, start = identity.split("|")
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+
+    def running(stage: str, process: str) -> str:
+        tags = {"pipeline.role": "stage", "pipeline.stage": stage, "host": socket.gethostname()}
+        return client.create_run(experiment_id, tags={**tags, tracking.PROCESS_TAG: process}).info.run_id
+
+    alive = running("evaluate", identity)  # this very process: still running
+    reused = running("evaluate", f"{boot}|{namespace}|{pid}|{int(start) - 1}")  # PID reused since
+    other_namespace = running("evaluate", f"{boot}|pid:[1]|999999|1")  # cannot tell: left alone
+    other_stage = running("train", f"{boot}|{namespace}|{pid}|{int(start) - 1}")
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        with stage_run("evaluate", _params(store, experiment)) as tracker:
+            pass
+    status = {
+        run: client.get_run(run).info.status for run in (killed, reused, alive, other_namespace, other_stage)
+    }
+    assert status == {
+        killed: "KILLED",
+        reused: "KILLED",
+        alive: "RUNNING",
+        other_namespace: "RUNNING",
+        other_stage: "RUNNING",
+    }
+    assert client.get_run(killed_parent).info.status == "KILLED"  # nothing of that execution runs
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert f"MLflow run {killed} (evaluate, started " in caplog.text
+    assert "was still RUNNING but its process (pid" in caplog.text and "is gone: marked KILLED" in caplog.text
+    for run in (alive, other_namespace, other_stage):  # leave the shared store clean
+        client.set_terminated(run, status="FINISHED")
+
+
 # --------------------------------------------------------------------------------------------
 # Disabled mode, URIs, hashes
 # --------------------------------------------------------------------------------------------
