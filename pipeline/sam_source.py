@@ -9,6 +9,7 @@ official checkpoint (fetched or given by the user) or the project's released sma
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
