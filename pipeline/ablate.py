@@ -19,8 +19,9 @@ draw in ``ablate.seeds``), so 1/3/10-point numbers agree with the evaluation. Em
 the ``embed`` stage (read-only): a sweep costs decoder passes only.
 
 Trained variants (``variants/dvc.yaml``, not in the default ``dvc repro``): each entry of
-``ablate.variants`` is trained by the ``train`` stage and evaluated by the ``evaluate`` stage with
-its ``--set`` overrides; this module's ``--sweep variants`` collects them into one table::
+``ablate.variants`` (name -> {params key: value}) is trained by the ``train`` stage and evaluated by
+the ``evaluate`` stage with ``--variant NAME``; this module's ``--sweep variants`` collects them
+into one table::
 
     python -m pipeline.ablate --sweep variants --results variants/results \\
         --reference reports/evaluation.json --reference-train metrics/train.json \\
@@ -32,7 +33,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -345,6 +345,21 @@ def _row(evaluation: dict[str, Any], setting: str) -> dict[str, Any]:
     return row
 
 
+def _overrides_text(overrides: dict[str, Any]) -> str:
+    """``{"plugin.placements": ["block2"], "train.lsj": False}`` -> ``plugin.placements=[block2] train.lsj=false``."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        if value is None:
+            return "null"
+        if isinstance(value, (list, tuple)):
+            return "[" + ",".join(text(v) for v in value) + "]"
+        return str(value)
+
+    return " ".join(f"{key}={text(value)}" for key, value in overrides.items())
+
+
 def summarize_variants(params: Params, paths: VariantsPaths, *, tracker: Any = None) -> dict[str, Any]:
     """One table: SAM, the full Stable-SAM and every trained variant of ``ablate.variants``."""
     reference = json.loads(paths.reference.read_text())
@@ -372,7 +387,7 @@ def summarize_variants(params: Params, paths: VariantsPaths, *, tracker: Any = N
         train = json.loads((folder / "train.json").read_text()) if (folder / "train.json").is_file() else {}
         variants[name] = {
             "label": name,
-            "overrides": " ".join(a for a in shlex.split(overrides) if a != "--set"),
+            "overrides": _overrides_text(overrides),
             **_row(evaluation, MODEL),
             "trainable_parameters": train.get("trainable_parameters"),
             "train_seconds": train.get("fit_seconds"),

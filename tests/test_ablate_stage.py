@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shlex
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from pipeline.ablate import run as ablate
 from pipeline.embed import EmbedPaths
 from pipeline.embed import run as embed
 from pipeline.evaluate import run as evaluate
-from pipeline.params import load_params
+from pipeline.params import Variant, load_params
 from stable_sam.build import build_stable_sam
 from stable_sam.config import AblateConfig
 
@@ -139,7 +138,10 @@ def _fake_evaluation(noisy: float, *, bypassed: list[str] | None = None) -> dict
 
 def test_variants_summary_table(tmp_path):
     params = _params(
-        variants={"lora": "--set tuning.encoder=lora --set plugin.variant=none", "gone": "--set x=1"}
+        variants={
+            "lora": {"tuning.encoder": "lora", "plugin.variant": "none"},
+            "gone": {"train.lsj": False},
+        }
     )
     results = tmp_path / "results"
     (results / "lora").mkdir(parents=True)
@@ -172,9 +174,7 @@ def test_variants_summary_table(tmp_path):
 def test_every_variant_in_params_yaml_is_a_valid_override_set():
     params = load_params(REPO / "params.yaml")
     assert len(params.ablate.variants) >= 7
-    for name, arguments in params.ablate.variants.items():
-        tokens = shlex.split(arguments)
-        assert tokens[::2] == ["--set"] * (len(tokens) // 2), name
-        variant = load_params(REPO / "params.yaml", tokens[1::2])
+    for name in params.ablate.variants:
+        variant = load_params(REPO / "params.yaml", [Variant(name)])
         model = build_stable_sam(sam_type="tiny", plugin_config=variant.plugin, tuning=variant.tuning)
         assert model.num_trainable_parameters() > 0, name

@@ -279,8 +279,8 @@ def test_encoder_adapters_start_as_identity():
     "bad, match",
     [
         (PluginConfig(variant="deformable"), "plugin.variant"),
-        (PluginConfig(placements=["block3"]), "unknown plug-in placement"),
-        (PluginConfig(placements=[]), "placements is empty"),
+        (PluginConfig(placements=["block3"]), r"plugin\.placements = \['block3'\]"),
+        (PluginConfig(placements=[]), r"plugin\.placements = \[\]: need at least one placement"),
         (PluginConfig(padding_mode="wrap"), "padding_mode"),
         (PluginConfig(drp_token="cls"), "drp_token"),
         (PluginConfig(offset_groups=3), "offset_groups"),

@@ -13,18 +13,13 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor, nn
 
-from ..config import PluginConfig, TuningConfig
+from ..config import PluginConfig, TuningConfig, check_config
 from .deformable_sampling import DeformableSamplingPlugin, SpatialAttentionPlugin
 from .dynamic_routing import DynamicRoutingPlugin, FixedRouting
 from .encoder_tuning import attach_adapters, attach_lora
 from .plugged_attention import OutputTokenReader, PluggedTokenToImageAttention
 
 __all__ = ["DecoderOutput", "PromptTensors", "StableSam", "group_by_structure", "plugin_sites"]
-
-_VARIANTS = ("dsp", "spatial_attention", "none")
-_ROUTINGS = ("drp", "fixed")
-_DECODER_TUNING = ("frozen", "prediction_head", "full")
-_ENCODER_TUNING = ("frozen", "lora", "adapter")
 
 
 def plugin_sites(sam: Sam) -> dict[str, tuple[nn.Module, str]]:
@@ -425,15 +420,6 @@ class StableSam(nn.Module):
 
 
 def _validate(cfg: PluginConfig, tuning: TuningConfig) -> None:
-    if cfg.variant not in _VARIANTS:
-        raise ValueError(f"plugin.variant must be one of {_VARIANTS}, got {cfg.variant!r}")
-    if cfg.routing not in _ROUTINGS:
-        raise ValueError(f"plugin.routing must be one of {_ROUTINGS}, got {cfg.routing!r}")
-    if cfg.variant != "none" and not cfg.placements:
-        raise ValueError("plugin.placements is empty: name at least one site (e.g. ['block2'])")
-    if len(set(cfg.placements)) != len(cfg.placements):
-        raise ValueError(f"plugin.placements has duplicates: {cfg.placements}")
-    if tuning.decoder not in _DECODER_TUNING:
-        raise ValueError(f"tuning.decoder must be one of {_DECODER_TUNING}, got {tuning.decoder!r}")
-    if tuning.encoder not in _ENCODER_TUNING:
-        raise ValueError(f"tuning.encoder must be one of {_ENCODER_TUNING}, got {tuning.encoder!r}")
+    """Every choice and range declared in stable_sam.config (a ConfigError, i.e. a ValueError)."""
+    check_config(cfg, "plugin")
+    check_config(tuning, "tuning")
