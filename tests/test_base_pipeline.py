@@ -151,9 +151,9 @@ def test_a_checkpoint_that_is_not_the_pinned_one_is_refused(released, tmp_path, 
     checkpoint, sha = released
     monkeypatch.chdir(tmp_path)
     params = load_params(
-        str(_params_file()), ["sam.type=tiny", f"sam.checkpoint={checkpoint}", "sam.sha256=" + "0" * 64]
+        str(_params_file()), ["sam.type=tiny", f"sam.checkpoint={checkpoint}", "sam.sha256=" + "f" * 64]
     )
-    with pytest.raises(BaseCheckpointError, match=rf"has sha256 {sha}, but sam.sha256 pins 0+"):
+    with pytest.raises(BaseCheckpointError, match=rf"has sha256 {sha}, but sam.sha256 pins f+"):
         resolve_base(params, tmp_path / "raw")
 
 

@@ -341,7 +341,7 @@ def test_train_base_stage_refuses_zero_steps_before_any_work(tmp_path):
             str(PARAMS),
             "--set",
             "base.steps=0",
-            *("--raw", "raw", "--out", "out", "--metrics", "m.json", "--plot", "p.csv"),
+            *("--data", "data", "--out", "out", "--metrics", "m.json", "--plot", "p.csv"),
         ],
         cwd=tmp_path,
         env={**TEST_ENVIRONMENT, "PYTHONPATH": str(REPO)},
