@@ -31,6 +31,7 @@ into one table::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -47,14 +48,14 @@ from .evaluate import BASELINE, MODEL, ModelPass, embed_pass, evaluate_pass, mod
 from .params import load_params, stage_argument_parser
 from .raw_data import read_raw_manifest
 from .readme_table import write_text_atomic
-from .report import alpha1_markdown, points_markdown, variants_markdown
+from .report import alpha1_markdown, looseness_markdown, points_markdown, variants_markdown
 from .sam_source import write_json_atomic
 
 __all__ = ["SWEEPS", "SweepPaths", "VariantsPaths", "main", "run", "summarize_variants"]
 
 logger = logging.getLogger("pipeline.ablate")
 
-SWEEPS = ("points", "alpha1")
+SWEEPS = ("points", "alpha1", "looseness")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,10 @@ def _sweep_records(
     *,
     kinds: Sequence[str],
     extra_settings: Callable[[ModelPass], dict[str, Callable[[], Any]]] | None = None,
+    noise_scales: Sequence[float] = (),
 ) -> tuple[list[dict[str, Any]], dict[str, int], str, ReadOnlyEmbeddingCache]:
+    """Records of ``kinds``, plus noisy boxes at each of ``noise_scales`` (kind ``noisy_box@S``:
+    the same random draws at every scale, so only the looseness changes)."""
     passes, how = model_passes(paths.base, paths.plugin)
     if extra_settings is not None:
         for p in passes:
@@ -95,10 +99,16 @@ def _sweep_records(
     for name, dataset in hq_sets(params, raw):
         for chunk in hq_chunks(dataset, resize=resize, image_size=size):
             for p in passes:
+                embeddings = embed_pass(p, chunk, cache)
                 records += evaluate_pass(
-                    p, chunk, embed_pass(p, chunk, cache), cfg, kinds=kinds, dataset=name,
-                    draws=len(seeds), draw_ids=seeds,
+                    p, chunk, embeddings, cfg, kinds=kinds, dataset=name, draws=len(seeds), draw_ids=seeds,
                 )  # fmt: skip
+                for scale in noise_scales:
+                    loose = evaluate_pass(
+                        p, chunk, embeddings, dataclasses.replace(cfg, noise_scale=scale),
+                        kinds=["noisy_box"], dataset=name, draws=len(seeds), draw_ids=seeds,
+                    )  # fmt: skip
+                    records += [{**r, "kind": f"noisy_box@{scale:g}"} for r in loose]
         images[name] = len(dataset)
     if cache.computed:
         logger.warning(
@@ -248,8 +258,57 @@ def _alpha1(params: Params, paths: SweepPaths) -> dict[str, Any]:
     }
 
 
+def _looseness(params: Params, paths: SweepPaths) -> dict[str, Any]:
+    """SAM vs Stable-SAM against prompt looseness: box noise scale and number of clicks, ± std."""
+    scales = list(params.ablate.noise_scales)
+    counts = list(params.ablate.point_counts)
+    records, images, how, cache = _sweep_records(
+        params, paths, kinds=[f"point_{k}" for k in counts], noise_scales=scales
+    )
+    summary = summarize(records)
+
+    def curve(kinds: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        return {s: [_figures(summary.get(s, {}), k) for k in kinds] for s in (BASELINE, MODEL)}
+
+    boxes = curve([f"noisy_box@{v:g}" for v in scales])
+    clicks = curve([f"point_{k}" for k in counts])
+    rows = [
+        {"axis": axis, "x": x, **{f"{s}{suffix}": figs[s][i].get(key) for s in (BASELINE, MODEL)
+                                  for suffix, key in (("", "miou"), ("_std", "miou_std"))}}
+        for axis, xs, figs in (("box_noise", scales, boxes), ("clicks", counts, clicks))
+        for i, x in enumerate(xs)
+    ]  # fmt: skip
+    _write_plot(paths.plot, rows)
+    from stable_sam.visualize import looseness_figure
+
+    def series(figs):
+        return {
+            label: ([f.get("miou") for f in figs[s]], [f.get("miou_std") for f in figs[s]])
+            for label, s in (("SAM", BASELINE), ("Stable-SAM", MODEL))
+        }
+
+    fig = looseness_figure(scales, series(boxes), counts, series(clicks))
+    return {
+        "sweep": "looseness",
+        "noise_scales": scales,
+        "point_counts": counts,
+        "box_noise": {f"{v:g}": {s: boxes[s][i] for s in (BASELINE, MODEL)} for i, v in enumerate(scales)},
+        "clicks": {str(k): {s: clicks[s][i] for s in (BASELINE, MODEL)} for i, k in enumerate(counts)},
+        "draws": list(params.ablate.seeds),
+        "images": images,
+        "baseline": how,
+        "embedding_cache_hits": cache.hits,
+        "figures": _save_figure(fig, paths.figure),
+    }
+
+
 def _compact(results: dict[str, Any]) -> dict[str, Any]:
     """The curve's numbers for ``dvc metrics``: mIoU (± std) per sweep value, α1, the α1 = 0 check."""
+    if results["sweep"] == "looseness":
+        return {
+            axis: {x: {s: v[s].get("miou") for s in (BASELINE, MODEL)} for x, v in results[axis].items()}
+            for axis in ("box_noise", "clicks")
+        }
     if results["sweep"] == "points":
         return {
             "points": {
@@ -285,12 +344,13 @@ def run(params: Params, paths: SweepPaths, *, sweep: str, tracker: Any = None) -
         raise ValueError(f"unknown sweep {sweep!r}; choose from {SWEEPS} (or 'variants')")
     set_threads(params.eval.threads)
     started = time.perf_counter()
-    metrics = _points(params, paths) if sweep == "points" else _alpha1(params, paths)
+    metrics = {"points": _points, "alpha1": _alpha1, "looseness": _looseness}[sweep](params, paths)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     write_json_atomic(paths.results, metrics)
     write_json_atomic(paths.metrics, _compact(metrics))
     if paths.table is not None:
-        write_text_atomic(paths.table, (points_markdown if sweep == "points" else alpha1_markdown)(metrics))
+        tables = {"points": points_markdown, "alpha1": alpha1_markdown, "looseness": looseness_markdown}
+        write_text_atomic(paths.table, tables[sweep](metrics))
     logger.info("sweep %s: %s images in %.1f s", sweep, metrics["images"], metrics["seconds"])
     if tracker is not None:
         with open(paths.plot, newline="") as f:
@@ -298,15 +358,16 @@ def run(params: Params, paths: SweepPaths, *, sweep: str, tracker: Any = None) -
                 {k: float(v) if v not in ("", None) else None for k, v in r.items()}
                 for r in csv.DictReader(f)
             ]
-        x = "points" if sweep == "points" else "alpha1"
-        # Curves as MLflow series: the step is the sweep value (α1 in hundredths).
-        scale = 1 if sweep == "points" else 100
-        tracker.log_metrics_series(
-            [
-                {"step": round(r[x] * scale), **{k: v for k, v in r.items() if k != x and v is not None}}
-                for r in rows
-            ]
-        )
+        if sweep != "looseness":
+            x = "points" if sweep == "points" else "alpha1"
+            # Curves as MLflow series: the step is the sweep value (α1 in hundredths).
+            scale = 1 if sweep == "points" else 100
+            tracker.log_metrics_series(
+                [
+                    {"step": round(r[x] * scale), **{k: v for k, v in r.items() if k != x and v is not None}}
+                    for r in rows
+                ]
+            )
         if sweep == "alpha1":
             tracker.log_metrics({"alpha0_equals_sam": float(metrics["alpha0_equals_sam"])})
         for f in metrics["figures"]:

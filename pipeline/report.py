@@ -278,6 +278,32 @@ def evaluation_markdown(
 # Sweeps
 
 
+def looseness_markdown(sweep: Mapping[str, Any]) -> str:
+    """SAM vs Stable-SAM against prompt looseness: box noise scale, then number of clicks."""
+    parts = ["### Prompt looseness: box noise and number of clicks", ""]
+    for axis, title in (("box_noise", "box noise scale"), ("clicks", "# clicks")):
+        by_x = sweep[axis]
+        xs = list(by_x)
+        rows = [
+            ["SAM", *(_with_std(by_x[x].get(BASELINE)) for x in xs)],
+            ["Stable-SAM", *(_with_std(by_x[x].get(MODEL)) for x in xs)],
+            [
+                "Δ",
+                *(
+                    fmt_delta(by_x[x].get(MODEL, {}).get("miou"), by_x[x].get(BASELINE, {}).get("miou"))
+                    for x in xs
+                ),
+            ],
+        ]
+        parts += [markdown_table([title, *xs], rows), ""]
+    parts += [
+        f"mIoU ± std over {len(sweep.get('draws', []))} prompt draws; a noisy box at scale s moves each "
+        "side by up to s x the box size, the same draws at every scale (0 = the GT box).",
+        "",
+    ]
+    return "\n".join(parts)
+
+
 def points_markdown(sweep: Mapping[str, Any]) -> str:
     """Number of prompt points (Table S6: mIoU ± std over the draws) and the learned α1 (Table S7)."""
     points = sweep["points"]
@@ -432,10 +458,8 @@ def run(params: Params, paths: ReportPaths, *, tracker: Any = None) -> dict[str,
     sweep_sections, sweep_figures = [], []
     for path in paths.sweeps:
         sweep = json.loads(path.read_text())
-        if "points" in sweep:
-            sweep_sections.append(points_markdown(sweep))
-        if "alpha1" in sweep:
-            sweep_sections.append(alpha1_markdown(sweep))
+        render = {"points": points_markdown, "alpha1": alpha1_markdown, "looseness": looseness_markdown}
+        sweep_sections.append(render[sweep["sweep"]](sweep))
         sweep_figures += [Path(f) for f in sweep.get("figures", [])]
     here = paths.out.parent
     lines = [

@@ -472,6 +472,12 @@ class AblateConfig:
         metadata=_allows(_list_of(_PROBABILITY, non_empty=True)),
     )
     alpha1_point_counts: list[int] = field(default_factory=lambda: [1, 10], metadata=_allows(_POINT_COUNTS))
+    # Box looseness sweep: noisy boxes at these noise scales (0 = the GT box; eval.noise_scale is
+    # the evaluate stage's one), plotted with the points sweep's click counts (ablate@looseness).
+    noise_scales: list[float] = field(
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        metadata=_allows(_list_of(_NON_NEGATIVE, non_empty=True, distinct=True)),
+    )
     # Prompt draws (ids of the evaluation's draws: the same prompts as the evaluate stage).
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2, 3, 4],

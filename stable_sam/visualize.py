@@ -24,6 +24,7 @@ __all__ = [
     "draw_offsets",
     "draw_points",
     "draw_prompt",
+    "looseness_figure",
     "offsets_figure",
     "overlay_mask",
     "sweep_figure",
@@ -268,4 +269,34 @@ def sweep_figure(
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def looseness_figure(
+    noise_scales: Sequence[float],
+    box_series: Mapping[str, tuple[Sequence[float], Sequence[float] | None]],
+    clicks: Sequence[int],
+    click_series: Mapping[str, tuple[Sequence[float], Sequence[float] | None]],
+) -> Figure:
+    """Two panels at a glance: mIoU (± std bands) against box noise scale, and against clicks."""
+    fig = Figure(figsize=(9.0, 3.4), layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    for ax, x, series in ((left, noise_scales, box_series), (right, clicks, click_series)):
+        x = np.asarray(x, np.float64)
+        for label, (means, stds) in series.items():
+            means = np.asarray(means, np.float64)
+            (line,) = ax.plot(x, means, marker="o", label=label)
+            if stds is not None:
+                stds = np.asarray(stds, np.float64)
+                ax.fill_between(x, means - stds, means + stds, color=line.get_color(), alpha=0.2)
+        ax.grid(alpha=0.3)
+    left.set_xlabel("box noise scale (0 = GT box; looser to the right)")
+    left.set_ylabel("mIoU (%)")
+    right.set_xscale("log")
+    right.set_xticks(np.asarray(clicks, np.float64))
+    right.set_xticklabels([str(c) for c in clicks])
+    right.set_xlabel("number of clicks (fewer = looser)")
+    right.invert_xaxis()
+    left.legend(fontsize=8)
+    fig.suptitle("SAM vs Stable-SAM as prompts get looser (± std over prompt draws)", fontsize=10)
     return fig

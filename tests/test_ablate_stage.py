@@ -33,6 +33,7 @@ def _params(**ablate_kwargs):
         alpha1_values=[0.0, 0.5, 1.0],
         alpha1_point_counts=[1, 10],
         seeds=[0, 1, 2],
+        noise_scales=[0.0, 0.4],
         **ablate_kwargs,
     )
     return params
@@ -65,7 +66,9 @@ def stages(tmp_path_factory):
         evaluation = evaluate(_params(), eval_paths(project, root / "eval"))
         points = ablate(_params(), _sweep_paths(project, root, "points"), sweep="points")
         alpha = ablate(_params(), _sweep_paths(project, root, "alpha1"), sweep="alpha1")
+        loose = ablate(_params(), _sweep_paths(project, root, "looseness"), sweep="looseness")
     return {
+        "looseness": loose,
         "root": root,
         "encoder_images": counter.images,
         "evaluation": evaluation,
@@ -110,6 +113,28 @@ def test_alpha1_zero_is_sam_and_the_curve_moves(stages):
     assert [float(r["alpha1"]) for r in rows] == [0.0, 0.5, 1.0]
     assert set(rows[0]) == {"alpha1", "point_1", "point_1_std", "point_10", "point_10_std"}
     assert "α1 = 0 reproduces SAM exactly" in (stages["root"] / "alpha1.md").read_text()
+
+
+def test_looseness_sweep_spans_gt_box_to_loose_boxes_and_the_click_counts(stages):
+    """Noise 0 is the GT box and 0.4 the evaluation's noisy box (same draws); clicks = the points sweep."""
+    sweep, evaluation = stages["looseness"], stages["evaluation"]["mean"]
+    for setting in ("sam", "stable_sam"):
+        assert sweep["box_noise"]["0"][setting]["miou"] == pytest.approx(
+            evaluation[setting]["gt_box"]["miou"]
+        )
+        assert sweep["box_noise"]["0.4"][setting]["miou"] == pytest.approx(
+            evaluation[setting]["noisy_box"]["miou"]
+        )
+        assert sweep["clicks"]["3"][setting]["miou"] == pytest.approx(
+            stages["points"]["points"]["3"][setting]["miou"]
+        )
+    with open(stages["root"] / "looseness.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["axis"], float(r["x"])) for r in rows] == [
+        ("box_noise", 0.0), ("box_noise", 0.4), ("clicks", 1.0), ("clicks", 3.0), ("clicks", 10.0)
+    ]  # fmt: skip
+    assert (stages["root"] / "looseness.png").stat().st_size > 0
+    assert "box noise scale" in (stages["root"] / "looseness.md").read_text()
 
 
 def test_unknown_sweep_is_refused(stages):
