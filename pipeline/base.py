@@ -87,7 +87,14 @@ def main(argv: Sequence[str] | None = None) -> SamSource:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)
-    return run(params, BasePaths(raw=args.raw, out=args.out))
+    from .tracking import stage_run
+
+    with stage_run("base", params, params_path=Path(args.params)) as tracker:
+        source = run(params, BasePaths(raw=args.raw, out=args.out))
+        tracker.set_tags(
+            {"sam.type": source.sam_type, "sam.origin": source.origin, "sam.sha256": source.sha256}
+        )
+    return source
 
 
 if __name__ == "__main__":

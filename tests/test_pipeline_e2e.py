@@ -225,3 +225,38 @@ def test_dvc_repro_end_to_end_then_nothing_then_an_experiment(repo):
     assert len(train_runs) == 2 and {r.data.params["train.lr"] for r in train_runs} == {"0.001", "0.002"}
     assert len(client.search_model_versions("name='stable-sam-plugin'")) == 2
     assert not pids_with_cmdline(repo.env["RAY_TMPDIR"])  # every stage's Ray went away with it
+
+
+def test_the_base_pipeline_pretrains_evaluates_and_releases_a_base(repo):
+    """`dvc repro base/dvc.yaml` (data -> pretrain -> evaluate) then `make release-base`'s module,
+    at tiny size: the released file is what the default pipeline's base stage accepts."""
+    params_file = repo.root / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    for key, value in {
+        "base.num_images": 8, "base.steps": 4, "base.batch_size": 2, "base.warmup_steps": 1,
+        "base.checkpoint_every": 2, "base.log_every": 2, "eval.prompts": ["gt_box", "noisy_box", "point_1"],
+    }.items():  # fmt: skip
+        assert _set(params, key, value), key
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    output = repo.dvc("repro", "base/dvc.yaml", label="dvc repro base")
+    assert set(RAN.findall(output)) == {
+        "base/dvc.yaml:data",
+        "base/dvc.yaml:pretrain",
+        "base/dvc.yaml:evaluate",
+    }
+    evaluation = json.loads((repo.root / "metrics/base_eval.json").read_text())
+    assert set(evaluation) >= {"gt_box", "noisy_box", "point_1", "per_family_miou", "checkpoint_sha256"}
+    assert "family" in (repo.root / "reports/base_eval.csv").read_text()
+    assert RAN.findall(repo.dvc("repro", "base/dvc.yaml", label="dvc repro base (second)")) == []
+
+    out = repo.run(str(BIN / "python"), "-m", "pipeline.release_base", "--out", "release", label="release")
+    sha = re.search(r"sha256: ([0-9a-f]{64})", out).group(1)
+    assert file_sha256(repo.root / "release" / "sam_tiny.pth") == sha
+    assert sha in (repo.root / "release" / "MODEL_CARD.md").read_text()
+    repo.run(
+        str(BIN / "python"), "-m", "pipeline.base", "--raw", "data/raw", "--out", "models/released",
+        "--set", "sam.checkpoint=release/sam_tiny.pth", "--set", f"sam.sha256={sha}",
+        "--set", "tracking.enabled=false", label="base stage",
+    )  # fmt: skip
+    pointer = json.loads((repo.root / "models/released/sam.json").read_text())
+    assert pointer["origin"] == "released" and pointer["sha256"] == sha
