@@ -409,6 +409,7 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
     records: list[dict[str, Any]] = []
     rendered: dict[Path, bytes] = {}  # the figures, written with the other outputs at the end
     images: dict[str, int] = {}
+    skipped: dict[str, dict[str, Any]] = {}  # files left out of each set, never replaced by others
     seconds: dict[str, float] = {}
 
     for d, (name, dataset) in enumerate(hq_sets(params, raw)):
@@ -434,6 +435,11 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
                             out=paths.figures,
                         )
         images[name] = len(dataset)
+        skipped[name] = {"count": dataset.num_skipped, "files": dataset.skipped_dicts()}
+        if dataset.num_skipped:
+            logger.warning(
+                "%s: %d file(s) skipped, not evaluated (evaluation.json: skipped)", name, dataset.num_skipped
+            )
         seconds[name] = round(time.perf_counter() - t0, 2)
         logger.info("%s: %d images, %d prompt types, %.1f s", name, len(dataset), len(kinds), seconds[name])
 
@@ -497,6 +503,7 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
         "coco": coco_metrics,
         "alpha1": {kind: figures.get("alpha1") for kind, figures in mean.get(MODEL, {}).items()},
         "images": images,
+        "skipped": skipped,
         "prompts": kinds,
         "draws": cfg.draws,
         "baseline": baseline_how,

@@ -365,3 +365,21 @@ def test_outputs_are_replaced_as_one_set(project, tmp_path, monkeypatch):
     assert json.loads(new["reports/evaluation.json"])["draws"] == 2
     changed = {name for name in old if new[name] != old[name]}
     assert {"reports/evaluation.json", "metrics/effect.json", "reports/per_image.csv"} <= changed
+
+
+def test_a_folder_with_an_undecodable_image_is_evaluated_once_per_distinct_image(project, tmp_path):
+    """A plain folder as data.val: the broken pair is skipped and named in evaluation.json, never
+    replaced by another image (which would count that image twice and bias mIoU)."""
+    folder = write_val_split(tmp_path / "folder", count=N_IMAGES + 1, seed=3)
+    (folder / "instances.json").unlink()  # a plain HQSeg-layout folder (im/ + gt/), no COCO part
+    broken = sorted((folder / "im").glob("*.jpg"))[1]
+    broken.write_bytes(broken.read_bytes()[:200])  # a truncated JPEG: the header reads, pixels do not
+    params = tiny_params(prompts=["gt_box"])
+    params.data = DataConfig(val=[str(folder)])
+    metrics = evaluate(params, eval_paths(project, tmp_path / "eval"))
+    (name,) = metrics["images"]
+    assert metrics["images"][name] == N_IMAGES
+    assert metrics["skipped"][name]["count"] == 1
+    (record,) = metrics["skipped"][name]["files"]
+    assert record["path"] == str(broken) and "corrupt image" in record["reason"]
+    assert metrics["datasets"][name]["stable_sam"]["gt_box"]["n"] == N_IMAGES
