@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import CocoSample, Sample, prepare_eval_image, resize_mask_longest_side, resize_mask_stretch
-from .embedding_cache import CachedEmbedding, EmbeddingCache, image_key
+from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingSpec, image_key
 from .metrics import boundary_iou, encode_mask, mask_iou, stability
 from .modeling.stable_sam import PromptTensors, StableSam, group_by_structure
 from .prompts import NoisyBoxError, Prompt, box_from_mask, draw_prompt, noisy_box
@@ -152,8 +152,14 @@ def embed_images(
     ]
     out: list[torch.Tensor | None] = [None] * len(images)
     missing = []
+    prompt_encoder = model.sam.prompt_encoder
+    shape = (1, prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size)
     for i, key in enumerate(keys):
-        entry = cache.get(key) if use_cache else None
+        # An entry of another shape (another SAM, a damaged file) is a miss: recomputed, overwritten.
+        spec = EmbeddingSpec(
+            shape=shape, input_size=images[i].input_size, original_size=images[i].original_size
+        )
+        entry = cache.get(key, spec) if use_cache else None
         if entry is None:
             missing.append(i)
         else:
