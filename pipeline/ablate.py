@@ -353,12 +353,12 @@ def run(params: Params, paths: SweepPaths, *, sweep: str, tracker: Any = None) -
         write_text_atomic(paths.table, tables[sweep](metrics))
     logger.info("sweep %s: %s images in %.1f s", sweep, metrics["images"], metrics["seconds"])
     if tracker is not None:
-        with open(paths.plot, newline="") as f:
-            rows = [
-                {k: float(v) if v not in ("", None) else None for k, v in r.items()}
-                for r in csv.DictReader(f)
-            ]
-        if sweep != "looseness":
+        if sweep != "looseness":  # its figure and CSV are the record (two x axes, no one series)
+            with open(paths.plot, newline="") as f:
+                rows = [
+                    {k: float(v) if v not in ("", None) else None for k, v in r.items()}
+                    for r in csv.DictReader(f)
+                ]
             x = "points" if sweep == "points" else "alpha1"
             # Curves as MLflow series: the step is the sweep value (α1 in hundredths).
             scale = 1 if sweep == "points" else 100

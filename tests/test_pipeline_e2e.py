@@ -100,7 +100,9 @@ class Repo:
         self.env = env
         self.timings: dict[str, float] = {}
 
-    def run(self, *args: str, label: str | None = None, timeout: float = 900) -> str:
+    def run(
+        self, *args: str, label: str | None = None, timeout: float = 900, stdout_only: bool = False
+    ) -> str:
         started = time.perf_counter()
         result = subprocess.run(
             list(args), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout
@@ -108,7 +110,7 @@ class Repo:
         self.timings[label or " ".join(args[:3])] = time.perf_counter() - started
         output = result.stdout + result.stderr
         assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-6000:]}"
-        return output
+        return result.stdout if stdout_only else output
 
     def dvc(self, *args: str, **kwargs) -> str:
         return self.run(str(BIN / "dvc"), *args, **kwargs)
@@ -199,7 +201,7 @@ def test_dvc_repro_end_to_end_then_nothing_then_an_experiment(repo):
     assert (repo.root / "metrics/train.json").read_text() != before
     assert "train.lr" in repo.dvc("exp", "show", "--no-pager", "--csv", label="dvc exp show")
 
-    shown = json.loads(repo.dvc("metrics", "show", "--json", label="dvc metrics show"))
+    shown = json.loads(repo.dvc("metrics", "show", "--json", label="dvc metrics show", stdout_only=True))
     (workspace,) = shown.values()  # {"": {"data": {file: {"data": {...}}}}} (the workspace)
     train_shown = workspace["data"]["metrics/train.json"]["data"]
     assert train_shown["final_loss"] == pytest.approx(
