@@ -288,6 +288,16 @@ def set_aside_unusable_ray_run(run_dir: Path) -> Path | None:
     return aside
 
 
+def storage_location(storage_path: str | None) -> Path | str:
+    """Ray's run storage: a URI (``s3://``, ``gs://``, ...) is passed to Ray untouched (pyarrow's
+    filesystems resolve it); a local path is created. None: ``.ray_results`` in the checkout."""
+    if storage_path and "://" in storage_path:
+        return storage_path
+    storage = Path(storage_path).expanduser() if storage_path else repo_root() / ".ray_results"
+    storage.mkdir(parents=True, exist_ok=True)
+    return storage
+
+
 def _dataset_spec(params: Params, paths: TrainPaths) -> tuple[dict[str, str], Path]:
     if params.train.use_occlusion:
         return {"kind": "folder", "path": str(paths.occluded.resolve())}, paths.occluded
@@ -330,11 +340,9 @@ def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, 
         _folder_digest(data_dir),
         code=(*TRAINING_CODE, "pipeline/train.py"),
     )
-    storage = (
-        Path(scaling.storage_path).expanduser() if scaling.storage_path else repo_root() / ".ray_results"
-    )
-    storage.mkdir(parents=True, exist_ok=True)
+    storage = storage_location(scaling.storage_path)
     run_name = f"stable-sam-train-{fingerprint}"
+    run_dir = f"{str(storage).rstrip('/')}/{run_name}"
     logger.info(
         "training %s on %s (%d images, %d steps of %d = %d workers x %d), Ray run %s in %s",
         source.sam_type, data_dir, size, total_steps, cfg.batch_size, scaling.num_workers, local_batch, run_name, storage,
@@ -349,7 +357,8 @@ def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, 
     check_resources(
         num_workers=scaling.num_workers, cpus_per_worker=scaling.cpus_per_worker, use_gpu=scaling.use_gpu
     )
-    set_aside_unusable_ray_run(storage / run_name)
+    if isinstance(storage, Path):  # a URI's run folder cannot be moved aside: the workers name it
+        set_aside_unusable_ray_run(storage / run_name)
     # A single-machine Ray (ours, or the tests'): torch's rendezvous store and gloo on loopback too.
     torch_config = None
     if is_loopback_ray() and not scaling.use_gpu:
@@ -366,7 +375,7 @@ def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, 
             "local_batch": local_batch,
             "total_steps": total_steps,
             "threads": max(1, int(scaling.cpus_per_worker)),
-            "ray_run_dir": str(storage / run_name),
+            "ray_run_dir": run_dir,
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,

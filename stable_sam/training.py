@@ -225,8 +225,21 @@ class AugmentedPromptDataset(Dataset):
         return out_image, out_masks
 
     def __getitem__(self, key: int | tuple[int, int]) -> TrainingSample:
-        """``key``: an index (epoch 0) or an ``(epoch, index)`` pair from :class:`ShardedBatchSampler`."""
+        """``key``: an index (epoch 0) or an ``(epoch, index)`` pair from :class:`ShardedBatchSampler`.
+
+        A sample whose every target vanishes in the model frame, even without jitter (an object
+        below a pixel once a large image is resized), is not trained on: a prompt drawn from an
+        empty mask would be the whole frame with an empty target. The next sample is used in its
+        place (deterministically) and a warning names it.
+        """
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        for offset in range(len(self.source)):
+            item = self._augmented(epoch, (index + offset) % len(self.source))
+            if item is not None:
+                return item
+        raise ValueError("every target of every training sample vanishes in the model frame")
+
+    def _augmented(self, epoch: int, index: int) -> TrainingSample | None:
         sample: Sample = self.source[index]
         generator = seeded_generator(self.seed, epoch, index)
         masks = self._target_masks(sample)
@@ -245,6 +258,14 @@ class AugmentedPromptDataset(Dataset):
             out_image, out_masks = self._jitter(image, masks, generator, (1.0, 1.0))
         kept = [m for m in out_masks if (m > 0.5).sum() >= _MIN_TARGET_PIXELS] or [max(out_masks, key=np.sum)]
         kept = kept[: self.max_targets]
+        if not kept[0].any():
+            logger.warning(
+                "%s: every target vanishes in the %d px model frame; sample skipped",
+                sample.name,
+                self.image_size,
+            )
+            return None
+        # A target thinner than half a pixel after resizing is soft everywhere: prompt its peak.
         visible = [(m > 0.5) if (m > 0.5).any() else (m >= m.max()) for m in kept]
         prompts = self.prompt_sampler(visible, generator)
         return TrainingSample(

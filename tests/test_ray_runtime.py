@@ -40,3 +40,12 @@ def test_missing_cpus_are_named():
 
 def test_enough_resources_pass():
     check_resources(num_workers=2, cpus_per_worker=1, use_gpu=False, available={"CPU": 2.0})
+
+
+def test_a_storage_uri_reaches_ray_untouched_and_a_path_is_created(tmp_path):
+    from pipeline.train import storage_location
+
+    assert storage_location("s3://bucket/ray_results") == "s3://bucket/ray_results"
+    assert not (tmp_path / "s3:").exists()
+    local = storage_location(str(tmp_path / "runs"))
+    assert local == tmp_path / "runs" and local.is_dir()

@@ -1,0 +1,42 @@
+"""The training dataset's augmentation edge cases."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from stable_sam.data import Sample
+from stable_sam.training import AugmentedPromptDataset, precise_prompt_sampler
+
+
+class _Source:
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def test_a_target_that_vanishes_in_the_model_frame_is_skipped_not_prompted_with_the_full_frame(caplog):
+    image = np.zeros((512, 512, 3), np.uint8)
+    speck = np.zeros((512, 512), bool)
+    speck[100, 101] = True  # one pixel at 512 px: nothing left at 64 px
+    square = np.zeros((512, 512), bool)
+    square[100:300, 100:300] = True
+    dataset = AugmentedPromptDataset(
+        _Source([Sample("speck", image, speck, None), Sample("square", image, square, None)]),
+        image_size=64,
+        prompt_sampler=precise_prompt_sampler(point_counts=[1], box_probability=1.0),
+        seed=0,
+        lsj_scale=(0.1, 0.2),
+    )
+    with caplog.at_level(logging.WARNING, logger="stable_sam.training"):
+        item = dataset[0]
+    assert "speck: every target vanishes in the 64 px model frame; sample skipped" in caplog.text
+    assert item.name == "square" and float(item.targets.max()) > 0.5
+    box = item.prompts[0].box
+    assert (box[2] - box[0]) < 63 or (box[3] - box[1]) < 63  # not the whole frame
