@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from stable_sam import data as data_lib
-from stable_sam.build import build_stable_sam
+from stable_sam.build import OFFICIAL_SAM_TYPES, build_stable_sam
 from stable_sam.config import Params, PluginConfig
 from stable_sam.embedding_cache import EmbeddingCache
 from stable_sam.evaluation import CocoImage, PreparedImage, embed_images, prepare_coco_image, prepare_image
@@ -139,21 +139,39 @@ def coco_chunks(
         ]
 
 
-def sam_model(
-    source: SamSource, *, plugin_checkpoint: Path | None = None, device: str | torch.device | None = None
-) -> StableSam:
+class DeviceError(RuntimeError):
+    """The requested device is not there, or an official SAM would run on the CPU by accident."""
+
+
+def resolve_device(choice: str, sam_type: str) -> str:
+    """``eval.device`` for a model: "auto" is the GPU if any, else the CPU for small SAMs only."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("eval.device=cuda, but torch sees no CUDA device")
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "cuda"
+    if sam_type in OFFICIAL_SAM_TYPES:
+        raise DeviceError(
+            f"no GPU for the {sam_type} SAM: its image encoder takes minutes per image on a CPU "
+            "(days for an evaluation set). Run on a GPU node, or set eval.device=cpu to use the CPU anyway"
+        )
+    return "cpu"
+
+
+def sam_model(source: SamSource, *, plugin_checkpoint: Path | None = None, device: str = "auto") -> StableSam:
     """The model of a stage: the frozen SAM of ``source``, with the plug-in checkpoint if given.
 
     Without a checkpoint the model has no plug-in at all (plain SAM, for the encoder or as the
-    baseline of variants that change SAM's own weights). ``device``: default the GPU if there is
-    one (the evaluation code moves embeddings and prompts to the model's device), else the CPU.
+    baseline of variants that change SAM's own weights). ``device``: ``eval.device``, see
+    :func:`resolve_device` (the evaluation code moves embeddings and prompts to the model's device).
     """
     model = build_stable_sam(
         sam_type=source.sam_type,
         sam_checkpoint=source.checkpoint,
         plugin_config=None if plugin_checkpoint is not None else PluginConfig(variant="none"),
         plugin_checkpoint=plugin_checkpoint,
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=resolve_device(device, source.sam_type),
     )
     if model.sam_checkpoint_sha256 != source.sha256:
         raise RuntimeError(f"{source.checkpoint} changed since the base stage hashed it ({source.sha256})")
@@ -171,7 +189,7 @@ def run(params: Params, paths: EmbedPaths, *, tracker: Any = None) -> dict[str, 
     set_threads(params.eval.threads)
     started = time.perf_counter()
     source = read_sam_source(paths.base)
-    model = sam_model(source)
+    model = sam_model(source, device=params.eval.device)
     raw = read_raw_manifest(paths.raw)
     resize, size = params.data.eval_resize, model.img_size
     cache = EmbeddingCache(paths.out, max_memory_items=0)

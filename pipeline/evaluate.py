@@ -116,7 +116,7 @@ class ModelPass:
     embedded: int = field(default=0)  # images this model embedded itself (encoder tuned)
 
 
-def model_passes(base: Path, plugin_dir: Path) -> tuple[list[ModelPass], str]:
+def model_passes(base: Path, plugin_dir: Path, *, device: str = "auto") -> tuple[list[ModelPass], str]:
     """The models that produce the "sam" and "stable_sam" settings, and how the baseline is made.
 
     A checkpoint that trains nothing of SAM itself gives one model evaluated twice: plug-ins off
@@ -124,14 +124,14 @@ def model_passes(base: Path, plugin_dir: Path) -> tuple[list[ModelPass], str]:
     tuning.encoder not frozen) gets a separate plain SAM as its baseline.
     """
     source = read_sam_source(base)
-    model = sam_model(source, plugin_checkpoint=plugin_dir / PLUGIN_FILE)
+    model = sam_model(source, plugin_checkpoint=plugin_dir / PLUGIN_FILE, device=device)
     tuning = model.tuning
     if tuning.decoder == "frozen" and tuning.encoder == "frozen":
         return (
             [ModelPass(model, {BASELINE: model.plugins_disabled, MODEL: contextlib.nullcontext})],
             "same model with the plug-ins disabled",
         )
-    vanilla = sam_model(source)
+    vanilla = sam_model(source, device=device)
     how = (
         f"a separate plain SAM (the checkpoint tunes decoder={tuning.decoder}, encoder={tuning.encoder}, "
         "so plug-ins off is not SAM)"
@@ -402,7 +402,7 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
     set_threads(cfg.threads)
     started = time.perf_counter()
     kinds = eval_kinds(cfg.prompts)
-    passes, baseline_how = model_passes(paths.base, paths.plugin)
+    passes, baseline_how = model_passes(paths.base, paths.plugin, device=cfg.device)
     raw = read_raw_manifest(paths.raw)
     resize, size = params.data.eval_resize, passes[0].model.img_size
     cache = ReadOnlyEmbeddingCache(paths.embeddings, max_memory_items=2 * 32)

@@ -458,6 +458,10 @@ class EvalConfig:
     # decoder-bound and several threads on a shared CPU oversubscribe it (10-100x slower);
     # None: torch's default (all cores; better for a ViT encoder on CPU). No effect on GPUs.
     threads: int | None = _field(1, _nullable(_COUNT))
+    # Where embed/evaluate/ablate run: "auto" = the GPU if there is one; an official SAM (vit_*)
+    # is then refused on a CPU-only machine (ViT-L embeds in minutes per image there), unless
+    # "cpu" says so on purpose. Small SAMs run on the CPU.
+    device: str = _field("auto", _one_of(("auto", "cuda", "cpu")))
 
 
 @dataclass

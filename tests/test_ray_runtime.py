@@ -1,4 +1,4 @@
-"""Where the train stage's Ray comes from, and the checks made before Ray Train starts (no Ray here)."""
+"""Where the train stage's Ray comes from, the checks made before Ray Train starts (no Ray here), and the device guard."""
 
 from __future__ import annotations
 
@@ -49,3 +49,19 @@ def test_a_storage_uri_reaches_ray_untouched_and_a_path_is_created(tmp_path):
     assert not (tmp_path / "s3:").exists()
     local = storage_location(str(tmp_path / "runs"))
     assert local == tmp_path / "runs" and local.is_dir()
+
+
+def test_an_official_sam_is_not_run_on_the_cpu_by_accident(monkeypatch):
+    import torch
+
+    from pipeline.embed import DeviceError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match=r"no GPU for the vit_l SAM.*eval\.device=cpu"):
+        resolve_device("auto", "vit_l")
+    assert resolve_device("cpu", "vit_l") == "cpu"  # asked for on purpose
+    assert resolve_device("auto", "small") == "cpu"
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        resolve_device("cuda", "small")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", "vit_l") == "cuda"
