@@ -334,7 +334,11 @@ def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, 
         config_to_dict(params.plugin),
         config_to_dict(params.tuning),
         config_to_dict(cfg),
-        config_to_dict(params.data),
+        # What training reads of `data` (not the evaluation sets: adding one must not retrain).
+        {
+            k: getattr(params.data, k)
+            for k in ("train", "lsj_min_scale", "lsj_max_scale", "hflip_probability")
+        },
         scaling.num_workers,
         source.sha256,
         _folder_digest(data_dir),
