@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 
 from stable_sam.data import Sample
 from stable_sam.training import AugmentedPromptDataset, precise_prompt_sampler
@@ -40,3 +41,18 @@ def test_a_target_that_vanishes_in_the_model_frame_is_skipped_not_prompted_with_
     assert item.name == "square" and float(item.targets.max()) > 0.5
     box = item.prompts[0].box
     assert (box[2] - box[0]) < 63 or (box[3] - box[1]) < 63  # not the whole frame
+
+
+def test_images_cross_the_dataloader_as_uint8():
+    image = np.full((96, 80, 3), 200, np.uint8)
+    mask = np.zeros((96, 80), bool)
+    mask[20:60, 10:50] = True
+    dataset = AugmentedPromptDataset(
+        _Source([Sample("a", image, mask, None)]),
+        image_size=64,
+        prompt_sampler=precise_prompt_sampler(point_counts=[3], box_probability=0.0),
+        seed=0,
+    )
+    item = dataset[0]
+    assert item.image.dtype == torch.uint8 and item.image.shape == (3, 64, 64)
+    assert int(item.image.max()) == 200 and int(item.image.min()) == 128  # the image, the LSJ padding
