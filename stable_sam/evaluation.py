@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .data import CocoSample, Sample, prepare_eval_image, resize_mask_longest_side, resize_mask_stretch
 from .embedding_cache import CachedEmbedding, EmbeddingCache, EmbeddingSpec, image_key
-from .metrics import boundary_iou, encode_mask, mask_iou, stability
+from .metrics import boundary_iou, encode_mask, mask_iou, mask_to_boundary, stability
 from .modeling.stable_sam import PromptTensors, StableSam, group_by_structure
 from .prompts import NoisyBoxError, Prompt, box_from_mask, draw_prompt, noisy_box
 
@@ -342,6 +342,7 @@ def evaluate_prompts(
         if not image.frame_mask.any():
             logger.warning("%s %s: the GT is empty in the model frame; image skipped", dataset, image.name)
             continue
+        gt_boundary = mask_to_boundary(image.mask)  # once per image, for every prediction
         for kind in kinds:
             prompts = eval_prompts(
                 image,
@@ -365,7 +366,7 @@ def evaluate_prompts(
                             **base,
                             "draw": ids[j],
                             "iou": mask_iou(image.mask, mask),
-                            "biou": boundary_iou(image.mask, mask),
+                            "biou": boundary_iou(image.mask, mask, gt_boundary=gt_boundary),
                             "alpha1": None if decoded.alpha1 is None else float(decoded.alpha1[j]),
                             "predicted_iou": float(decoded.predicted_iou[j]),
                         }

@@ -209,3 +209,20 @@ def test_coco_mask_ap_empty_detections_and_validation(capsys):
         coco_mask_ap({**gt, "annotations": []}, _detections(masks))
     coco_mask_ap(gt, _detections(masks))
     assert capsys.readouterr().out == ""  # pycocotools' progress printing is captured
+
+
+def ndimage_blobs(rng, shape, density):
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(rng.random(shape), sigma=3)
+    return noise > np.quantile(noise, 1 - density)
+
+
+def test_a_precomputed_gt_boundary_gives_the_same_boundary_iou():
+    from stable_sam.metrics import boundary_iou, mask_to_boundary
+
+    rng = np.random.default_rng(0)
+    gt, pred = ndimage_blobs(rng, (90, 70), 0.4), ndimage_blobs(rng, (90, 70), 0.5)
+    assert boundary_iou(gt, pred, gt_boundary=mask_to_boundary(gt)) == boundary_iou(gt, pred)
+    with pytest.raises(ValueError, match="gt_boundary must have the GT's shape"):
+        boundary_iou(gt, pred, gt_boundary=np.zeros((3, 3), bool))
