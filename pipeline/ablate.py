@@ -99,7 +99,7 @@ def _sweep_records(
     for name, dataset in hq_sets(params, raw):
         for chunk in hq_chunks(dataset, resize=resize, image_size=size):
             for p in passes:
-                embeddings = embed_pass(p, chunk, cache)
+                embeddings = embed_pass(p, chunk, cache, batch_size=cfg.embed_batch_size)
                 records += evaluate_pass(
                     p, chunk, embeddings, cfg, kinds=kinds, dataset=name, draws=len(seeds), draw_ids=seeds,
                 )  # fmt: skip

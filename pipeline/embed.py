@@ -198,7 +198,7 @@ def run(params: Params, paths: EmbedPaths, *, tracker: Any = None) -> dict[str, 
     def embed(name: str, kind: str, chunks: Iterator[Sequence[PreparedImage]]) -> None:
         count = 0
         for images in chunks:
-            embed_images(model, images, cache=cache, progress=False)
+            embed_images(model, images, cache=cache, progress=False, batch_size=params.eval.embed_batch_size)
             count += len(images)
         datasets.setdefault(name, {})[kind] = count
         logger.info("%s (%s): %d images", name, kind, count)

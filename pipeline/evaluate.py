@@ -152,11 +152,11 @@ def eval_kinds(prompts: Sequence[str]) -> list[str]:
 
 
 def embed_pass(
-    p: ModelPass, images: Sequence[PreparedImage], cache: ReadOnlyEmbeddingCache
+    p: ModelPass, images: Sequence[PreparedImage], cache: ReadOnlyEmbeddingCache, *, batch_size: int = 8
 ) -> list[torch.Tensor]:
     if not p.model.encoder_is_frozen:
         p.embedded += len(images)
-    return embed_images(p.model, images, cache=cache, progress=False)
+    return embed_images(p.model, images, cache=cache, progress=False, batch_size=batch_size)
 
 
 def evaluate_pass(
@@ -418,7 +418,7 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
         for chunk in hq_chunks(dataset, resize=resize, image_size=size):
             chunk_embeddings = []
             for p in passes:
-                embeddings = embed_pass(p, chunk, cache)
+                embeddings = embed_pass(p, chunk, cache, batch_size=cfg.embed_batch_size)
                 chunk_embeddings.append(embeddings)
                 records += evaluate_pass(
                     p, chunk, embeddings, cfg, kinds=kinds, dataset=name, draws=cfg.draws
@@ -449,7 +449,7 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
         results: dict[str, CocoResult] = {}
         for chunk in coco_chunks(coco, resize=resize, image_size=size):
             for p in passes:
-                embeddings = embed_pass(p, [c.image for c in chunk], cache)
+                embeddings = embed_pass(p, [c.image for c in chunk], cache, batch_size=cfg.embed_batch_size)
                 part = coco_noisy_box_detections(
                     p.model,
                     chunk,

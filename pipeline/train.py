@@ -183,6 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             num_points=cfg.num_points_loss,
             oversample_ratio=cfg.oversample_ratio,
             importance_sample_ratio=cfg.importance_sample_ratio,
+            encoder_batch_size=cfg.encoder_batch_size,
         )
         optimizer.zero_grad(set_to_none=True)
         out.losses["total"].backward()

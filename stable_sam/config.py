@@ -421,6 +421,9 @@ class TrainConfig:
     checkpoint_every: int = _field(50, _COUNT)
     log_every: int = _field(10, _COUNT)
     loader_workers: int = _field(0, _integer(0))  # DataLoader processes per Ray worker
+    # Images per pass of the frozen encoder inside a step (None: the worker's whole batch). The
+    # no-grad ViT-L encoder holds ~3.4 GB of activations per 1024 px image: 1 or 2 fit 16 GB cards.
+    encoder_batch_size: int | None = _field(None, _nullable(_COUNT))
     seed: int = _field(0, _SEED)
 
 
@@ -462,6 +465,10 @@ class EvalConfig:
     # is then refused on a CPU-only machine (ViT-L embeds in minutes per image there), unless
     # "cpu" says so on purpose. Small SAMs run on the CPU.
     device: str = _field("auto", _one_of(("auto", "cuda", "cpu")))
+    # Images per encoder batch in embed (and wherever evaluate/ablate must embed). SAM's encoder
+    # runs in fp32 with explicit attention: about 3.4 GB per 1024 px image for ViT-L, so 8 need
+    # about 27 GB; 2 fit a 16 GB card. The result does not depend on it beyond float rounding.
+    embed_batch_size: int = _field(8, _COUNT)
 
 
 @dataclass

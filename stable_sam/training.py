@@ -409,6 +409,7 @@ def supervised_step(
     num_points: int = 12544,
     oversample_ratio: float = 3.0,
     importance_sample_ratio: float = 0.75,
+    encoder_batch_size: int | None = None,
 ) -> StepOutput:
     """Forward + HQ-SAM's point-sampled BCE/dice loss (mask token 0 vs the soft targets).
 
@@ -417,6 +418,8 @@ def supervised_step(
       core: the unwrapped :class:`StableSam` (for the encoder and the model frame).
       batch: a :class:`TrainingBatch` already on the model's device.
       seed, step, rank: derive the loss point sampling generator.
+      encoder_batch_size: images per frozen-encoder pass (None: all at once); bounds the
+        encoder's activation memory on small GPUs.
 
     Returns:
       A :class:`StepOutput`.
@@ -427,7 +430,9 @@ def supervised_step(
     prompts = [PromptTensors.stack(p, device) for p in batch.prompts]
     if core.encoder_is_frozen:
         with torch.no_grad():
-            embeddings = core.embed_images(batch.images.float())
+            images = batch.images.float()
+            chunk = encoder_batch_size or len(images)
+            embeddings = torch.cat([core.embed_images(part) for part in images.split(chunk)])
         out = model(prompts, image_embeddings=embeddings)
     else:
         out = model(prompts, images=batch.images.float())

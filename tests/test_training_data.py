@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 import torch
 
 from stable_sam.data import Sample
@@ -56,3 +57,32 @@ def test_images_cross_the_dataloader_as_uint8():
     item = dataset[0]
     assert item.image.dtype == torch.uint8 and item.image.shape == (3, 64, 64)
     assert int(item.image.max()) == 200 and int(item.image.min()) == 128  # the image, the LSJ padding
+
+
+def test_the_encoder_in_chunks_gives_the_step_of_the_whole_batch():
+    """train.encoder_batch_size bounds memory only: the loss and gradients are the same."""
+    from conftest import random_stable_sam
+
+    from stable_sam.config import PromptMixConfig
+    from stable_sam.training import collate_training, robust_prompt_sampler, supervised_step
+
+    model, _ = random_stable_sam("tiny")
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:40, 12:50] = True
+    dataset = AugmentedPromptDataset(
+        _Source([Sample(f"s{i}", image, mask, None) for i in range(3)]),
+        image_size=64,
+        prompt_sampler=robust_prompt_sampler(PromptMixConfig(), mask_input_size=model.mask_input_size),
+        seed=0,
+    )
+    batch = collate_training([dataset[i] for i in range(3)])
+    losses, grads = [], []
+    for chunk in (None, 1):
+        model.zero_grad()
+        out = supervised_step(model, model, batch, seed=0, step=0, num_points=64, encoder_batch_size=chunk)
+        out.losses["total"].backward()
+        losses.append(float(out.losses["total"]))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
