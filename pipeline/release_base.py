@@ -31,12 +31,14 @@ CARD = "MODEL_CARD.md"
 KINDS = ("gt_box", "point_10", "noisy_box", "point_1", "point_3", "oracle_point")
 
 
-def _git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+def _git_commit(rev: str = "HEAD") -> str:
+    result = subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True, check=False)
     return result.stdout.strip() or "unknown"
 
 
-def _card(sam_type: str, file: Path, sha: str, train: dict, evaluation: dict, table: Path, params) -> str:
+def _card(
+    sam_type: str, file: Path, sha: str, train: dict, evaluation: dict, table: Path, params, commit: str
+) -> str:
     spec = SMALL_SAM_SPECS[sam_type]
     base = params.base
     rows = list(csv.reader(table.open()))
@@ -68,7 +70,7 @@ def _card(sam_type: str, file: Path, sha: str, train: dict, evaluation: dict, ta
         f"outputs, best one supervised), {base.correction_clicks} correction click(s) with the previous "
         "mask fed back; dense BCE + dice, IoU head MSE; LSJ "
         f"{base.lsj_min_scale}-{base.lsj_max_scale} |",
-        f"| code | commit `{_git_commit()}` |",
+        f"| code | pretrained at commit `{commit}` |",
         "",
         "## mIoU on the embedded validation split (the evaluate stage's prompt protocol)",
         "",
@@ -87,7 +89,10 @@ def _card(sam_type: str, file: Path, sha: str, train: dict, evaluation: dict, ta
     return "\n".join(lines)
 
 
-def release(model: Path, train_metrics: Path, eval_metrics: Path, table: Path, out: Path, params_file: Path):
+def release(
+    model: Path, train_metrics: Path, eval_metrics: Path, table: Path, out: Path, params_file: Path,
+    code_commit: str = "HEAD",
+):  # fmt: skip
     params = load_params(params_file)
     sam_type = params.sam.type
     state = torch.load(model / f"sam_{sam_type}.pth", map_location="cpu", weights_only=True)
@@ -98,7 +103,7 @@ def release(model: Path, train_metrics: Path, eval_metrics: Path, table: Path, o
     assert sha == file_sha256(target)
     card = _card(
         sam_type, target, sha, json.loads(train_metrics.read_text()), json.loads(eval_metrics.read_text()),
-        table, params,
+        table, params, _git_commit(code_commit),
     )  # fmt: skip
     (out / CARD).write_text(card)
     return target, sha
@@ -112,9 +117,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval-metrics", type=Path, default=Path("metrics/base_eval.json"))
     parser.add_argument("--table", type=Path, default=Path("reports/base_eval.csv"))
     parser.add_argument("--out", type=Path, default=Path("base/release"))
+    parser.add_argument(
+        "--code-commit", default="HEAD", help="the commit the pretraining ran at (default: the checkout's)"
+    )
     args = parser.parse_args(argv)
     target, sha = release(
-        args.model, args.pretrain_metrics, args.eval_metrics, args.table, args.out, args.params
+        args.model,
+        args.pretrain_metrics,
+        args.eval_metrics,
+        args.table,
+        args.out,
+        args.params,
+        args.code_commit,
     )
     print(f"released {target} ({target.stat().st_size / 1e6:.2f} MB)")
     print(f"pin it in {args.params}:\n  sam:\n    checkpoint: {target}\n    sha256: {sha}")
