@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stable_sam.build import OFFICIAL_SAM_TYPES, build_sam, file_sha256
+from stable_sam.build import OFFICIAL_SAM_TYPES, build_sam
 from stable_sam.config import Params
 
 from .params import load_params, stage_argument_parser
@@ -48,14 +48,14 @@ def resolve_base(params: Params, raw: Path) -> SamSource:
         path = (path if path.is_absolute() else repo_root() / path).resolve()
         if not path.is_file():
             raise BaseCheckpointError(f"sam.checkpoint: {path} does not exist")
-        sha = file_sha256(path)
+        # Strict load (a checkpoint of another type is refused, naming both); it hashes the file
+        # once, for the pin check too (an official checkpoint is 1.2-2.4 GB).
+        _, sha = build_sam(sam.type, path)
         if sam.sha256 and sha != sam.sha256.lower():
             raise BaseCheckpointError(
                 f"sam.checkpoint {path} has sha256 {sha}, but sam.sha256 pins {sam.sha256}: "
                 "not the released file (re-checkout it, or pin the new file's hash on purpose)"
             )
-        # Strict load: a checkpoint of another type is refused with a message naming both.
-        build_sam(sam.type, path)
         return SamSource(sam.type, str(path), sha, "released" if sam.sha256 else "user")
     if sam.type not in OFFICIAL_SAM_TYPES:
         raise BaseCheckpointError(

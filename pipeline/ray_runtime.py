@@ -27,6 +27,7 @@ __all__ = [
     "UnsafeRayError",
     "check_resources",
     "init_ray",
+    "is_loopback_address",
     "is_loopback_ray",
     "prepare_local_ray_environment",
     "wants_cluster",
@@ -61,7 +62,8 @@ def prepare_local_ray_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback_address(address: str) -> bool:
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback (``::ffff:127.0.0.1``, as psutil reports it)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -74,7 +76,7 @@ def is_loopback_ray() -> bool:
     """True when the connected Ray's node (this driver's) is on a loopback address."""
     import ray
 
-    return _is_loopback(ray.util.get_node_ip_address())
+    return is_loopback_address(ray.util.get_node_ip_address())
 
 
 def init_ray(address: str | None, **init_kwargs) -> str:
@@ -93,7 +95,7 @@ def init_ray(address: str | None, **init_kwargs) -> str:
 
     ray.init(address="local", **init_kwargs)
     node_ip = ray.util.get_node_ip_address()
-    if not _is_loopback(node_ip):
+    if not is_loopback_address(node_ip):
         ray.shutdown()
         raise UnsafeRayError(
             f"the local Ray started on {node_ip}, not on loopback: it would accept connections from "

@@ -278,24 +278,28 @@ def evaluation_markdown(
 # Sweeps
 
 
+def _compared_rows(by_key: Mapping[str, Any], keys: Sequence[str]) -> list[list[str]]:
+    """The SAM, Stable-SAM (mIoU ± std) and Δ rows of a sweep table, one column per key."""
+    return [
+        ["SAM", *(_with_std(by_key[k].get(BASELINE)) for k in keys)],
+        ["Stable-SAM", *(_with_std(by_key[k].get(MODEL)) for k in keys)],
+        [
+            "Δ",
+            *(
+                fmt_delta(by_key[k].get(MODEL, {}).get("miou"), by_key[k].get(BASELINE, {}).get("miou"))
+                for k in keys
+            ),
+        ],
+    ]
+
+
 def looseness_markdown(sweep: Mapping[str, Any]) -> str:
     """SAM vs Stable-SAM against prompt looseness: box noise scale, then number of clicks."""
     parts = ["### Prompt looseness: box noise and number of clicks", ""]
     for axis, title in (("box_noise", "box noise scale"), ("clicks", "# clicks")):
         by_x = sweep[axis]
         xs = list(by_x)
-        rows = [
-            ["SAM", *(_with_std(by_x[x].get(BASELINE)) for x in xs)],
-            ["Stable-SAM", *(_with_std(by_x[x].get(MODEL)) for x in xs)],
-            [
-                "Δ",
-                *(
-                    fmt_delta(by_x[x].get(MODEL, {}).get("miou"), by_x[x].get(BASELINE, {}).get("miou"))
-                    for x in xs
-                ),
-            ],
-        ]
-        parts += [markdown_table([title, *xs], rows), ""]
+        parts += [markdown_table([title, *xs], _compared_rows(by_x, xs)), ""]
     parts += [
         f"mIoU ± std over {len(sweep.get('draws', []))} prompt draws; a noisy box at scale s moves each "
         "side by up to s x the box size, the same draws at every scale (0 = the GT box).",
@@ -309,15 +313,7 @@ def points_markdown(sweep: Mapping[str, Any]) -> str:
     points = sweep["points"]
     counts = sorted(points, key=int)  # JSON keys come back as strings, sorted as text
     rows = [
-        ["SAM", *(_with_std(points[k].get(BASELINE)) for k in counts)],
-        ["Stable-SAM", *(_with_std(points[k].get(MODEL)) for k in counts)],
-        [
-            "Δ",
-            *(
-                fmt_delta(points[k].get(MODEL, {}).get("miou"), points[k].get(BASELINE, {}).get("miou"))
-                for k in counts
-            ),
-        ],
+        *_compared_rows(points, counts),
         ["SAM ST", *(fmt(points[k].get(BASELINE, {}).get("st")) for k in counts)],
         ["Stable-SAM ST", *(fmt(points[k].get(MODEL, {}).get("st")) for k in counts)],
         ["learned α1", *(fmt(points[k].get(MODEL, {}).get("alpha1"), 3) for k in counts)],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -234,6 +235,18 @@ def offsets_figure(
     return fig
 
 
+def _curves_with_bands(
+    ax: Any, x: np.ndarray, series: Mapping[str, tuple[Sequence[float], Sequence[float] | None]]
+) -> None:
+    """One line per series over ``x``, with a ± std band where the stds are given."""
+    for label, (means, stds) in series.items():
+        means = np.asarray(means, np.float64)
+        (line,) = ax.plot(x, means, marker="o", label=label)
+        if stds is not None:
+            stds = np.asarray(stds, np.float64)
+            ax.fill_between(x, means - stds, means + stds, color=line.get_color(), alpha=0.2)
+
+
 def sweep_figure(
     x: Sequence[float],
     series: Mapping[str, tuple[Sequence[float], Sequence[float] | None]],
@@ -251,12 +264,7 @@ def sweep_figure(
     fig = Figure(figsize=(5.0, 3.4), layout="constrained")
     ax = fig.subplots()
     x = np.asarray(x, np.float64)
-    for label, (means, stds) in series.items():
-        means = np.asarray(means, np.float64)
-        (line,) = ax.plot(x, means, marker="o", label=label)
-        if stds is not None:
-            stds = np.asarray(stds, np.float64)
-            ax.fill_between(x, means - stds, means + stds, color=line.get_color(), alpha=0.2)
+    _curves_with_bands(ax, x, series)
     for label, value in (reference or {}).items():
         ax.axhline(value, linestyle="--", linewidth=1.0, color="grey", label=label)
     if log_x:
@@ -282,13 +290,7 @@ def looseness_figure(
     fig = Figure(figsize=(9.0, 3.4), layout="constrained")
     left, right = fig.subplots(1, 2, sharey=True)
     for ax, x, series in ((left, noise_scales, box_series), (right, clicks, click_series)):
-        x = np.asarray(x, np.float64)
-        for label, (means, stds) in series.items():
-            means = np.asarray(means, np.float64)
-            (line,) = ax.plot(x, means, marker="o", label=label)
-            if stds is not None:
-                stds = np.asarray(stds, np.float64)
-                ax.fill_between(x, means - stds, means + stds, color=line.get_color(), alpha=0.2)
+        _curves_with_bands(ax, np.asarray(x, np.float64), series)
         ax.grid(alpha=0.3)
     left.set_xlabel("box noise scale (0 = GT box; looser to the right)")
     left.set_ylabel("mIoU (%)")

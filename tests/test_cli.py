@@ -71,6 +71,18 @@ def test_predict_with_labelled_points(files, capsys):
     assert (files / "o" / "cat_overlay.png").is_file()
 
 
+def _predict_cat(files) -> list[str]:
+    """``stable-sam predict cat.jpg`` on the fixture's tiny SAM, prompts to be added."""
+    return [
+        "predict",
+        str(files / "cat.jpg"),
+        "--sam-type",
+        "tiny",
+        "--sam-checkpoint",
+        str(files / "sam_tiny.pth"),
+    ]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -84,14 +96,7 @@ def test_predict_with_labelled_points(files, capsys):
     ],
 )
 def test_bad_arguments_are_clear_errors(files, extra, message):
-    args = [
-        "predict",
-        str(files / "cat.jpg"),
-        "--sam-type",
-        "tiny",
-        "--sam-checkpoint",
-        str(files / "sam_tiny.pth"),
-    ]
+    args = _predict_cat(files)
     with pytest.raises(SystemExit, match=message):
         main(args + extra + ["--out-dir", str(files / "o")])
 
@@ -116,14 +121,7 @@ def test_unreadable_image_and_wrong_checkpoint_are_clear_errors(files):
 
 
 def test_a_loose_box_is_clipped_to_the_image_and_said_so(files, capsys, caplog):
-    args = [
-        "predict",
-        str(files / "cat.jpg"),
-        "--sam-type",
-        "tiny",
-        "--sam-checkpoint",
-        str(files / "sam_tiny.pth"),
-    ]
+    args = _predict_cat(files)
     with caplog.at_level("WARNING"):
         assert main([*args, "--box=-5,4,400,30", "--out-dir", str(files / "loose")]) == 0
     assert (

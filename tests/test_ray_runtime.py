@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.ray_runtime import RayResourceError, _is_loopback, check_resources, wants_cluster
+from pipeline.ray_runtime import RayResourceError, check_resources, is_loopback_address, wants_cluster
 
 
 @pytest.mark.parametrize(
@@ -25,7 +25,7 @@ def test_a_cluster_is_used_only_when_named(address, environ, expected):
     [("127.0.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True), ("192.0.2.2", False), ("::", False)],
 )
 def test_loopback_addresses(address, loopback):
-    assert _is_loopback(address) is loopback
+    assert is_loopback_address(address) is loopback
 
 
 def test_missing_gpus_are_named_before_ray_train_waits_for_them():

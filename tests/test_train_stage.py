@@ -17,7 +17,6 @@ It needs the same number of workers: another worker count shards the batches dif
 from __future__ import annotations
 
 import csv
-import ipaddress
 import json
 import re
 import shutil
@@ -51,6 +50,7 @@ from _tiny_project import (
     write_tiny_base,
 )
 
+from pipeline.ray_runtime import is_loopback_address
 from pipeline.train import run
 from stable_sam.build import build_stable_sam
 from stable_sam.checkpoint import read_plugin_checkpoint
@@ -396,11 +396,6 @@ def test_killed_job_restarts_from_its_last_checkpoint(inputs, uninterrupted, tmp
     _assert_same_run(paths, uninterrupted)
 
 
-def _is_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
-
-
 def _listening_sockets(root: psutil.Process) -> list[tuple[str, str, int]]:
     """(process name, ip, port) of every listening TCP socket of ``root`` and its descendants."""
     found = []
@@ -444,7 +439,7 @@ def test_the_stages_own_ray_listens_on_loopback_only(inputs, tmp_path):
     assert json.loads(paths.metrics.read_text())["steps"] == 24
     ray_sockets = {s for s in sockets if s[0] in ("gcs_server", "raylet") or s[0].startswith("ray::")}
     assert ray_sockets, f"no Ray server socket was seen: {sorted(sockets)}"
-    exposed = sorted(s for s in sockets if not _is_loopback(s[1]))
+    exposed = sorted(s for s in sockets if not is_loopback_address(s[1]))
     assert not exposed, f"listening on non-loopback addresses: {exposed}"
 
 
