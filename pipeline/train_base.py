@@ -9,7 +9,7 @@ released with ``make release-base`` (fp16 copy + model card in ``base/release/``
 params.yaml's ``sam.sha256``); the default ``dvc repro`` verifies and uses that file.
 Interrupted runs resume from ``.stage_state`` (model, optimiser, scheduler, step).
 
-    python -m pipeline.train_base --data data/base/pretrain --out models/pretrained \
+    python -m pipeline.train_base --data data/base/pretrain --out models/pretrained \\
         --metrics metrics/pretrain.json --plot plots/pretrain.csv
 """
 
