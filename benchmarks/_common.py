@@ -56,7 +56,7 @@ def default_images(image_size: int, limit: int | None = None) -> tuple[list[Prep
     """The embedded validation split (64 images of 128 px; the first ``limit``), generated if absent."""
     root = RAW_VAL
     if not (root / "im").is_dir():
-        from stable_sam.embedded_dataset import generate_split
+        from pipeline.sources import generate_split
 
         root = Path(tempfile.mkdtemp(prefix="bench-val-")) / "val"
         generate_split(root, num_images=64, image_size=128, generator_seed=0, split="val")

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from stable_sam.config import Params
-from stable_sam.evaluation import ReadOnlyEmbeddingCache, summarize
+from stable_sam.embedding_cache import ReadOnlyEmbeddingCache
+from stable_sam.evaluation import summarize
 
 from .embed import hq_chunks, hq_sets, set_threads
 from .evaluate import BASELINE, MODEL, ModelPass, embed_pass, evaluate_pass, model_passes

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.sources import generate_split
 from stable_sam.config import Params
-from stable_sam.embedded_dataset import generate_split
 
 from .params import load_params, stage_argument_parser
 from .sam_source import write_json_atomic

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from pipeline.sources import CATEGORIES, target_families
 from stable_sam.build import build_sam
 from stable_sam.config import Params, PluginConfig
 from stable_sam.data import open_dataset
-from stable_sam.embedded_dataset import CATEGORIES, target_families
 from stable_sam.evaluation import embed_images, evaluate_prompts, prepare_image, summarize
 from stable_sam.modeling import StableSam
 

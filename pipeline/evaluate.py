@@ -49,10 +49,10 @@ import torch
 
 from stable_sam.atomic_write import AtomicFileSet
 from stable_sam.config import EvalConfig, Params
+from stable_sam.embedding_cache import ReadOnlyEmbeddingCache
 from stable_sam.evaluation import (
     CocoResult,
     PreparedImage,
-    ReadOnlyEmbeddingCache,
     coco_gt_subset,
     coco_noisy_box_detections,
     decode_prompts,

@@ -53,10 +53,10 @@ from pipeline.raw_data import (
     portable_path,
     write_raw_manifest,
 )
+from pipeline.sources import DownloadError, download_file, generate_split, safe_extract
 from stable_sam import data as data_lib
+from stable_sam.checkpoint import file_sha256
 from stable_sam.config import Params
-from stable_sam.download import DownloadError, download_file, safe_extract, sha256_file
-from stable_sam.embedded_dataset import generate_split
 
 __all__ = ["FetchError", "FetchPaths", "main", "run"]
 
@@ -245,7 +245,7 @@ def _fetch_local_item(item: FileItem, params: Params, local_root: Path, record: 
         if not path.is_file():
             raise FetchError(f"{item.name}: expected the checkpoint at {path}")
         _check_trust(item, params)
-        digest, size = sha256_file(path), path.stat().st_size
+        digest, size = file_sha256(path), path.stat().st_size
         if item.sha256 is not None and digest != item.sha256:
             raise FetchError(f"{item.name}: {path} has sha256 {digest}, expected {item.sha256}")
         if item.bytes is not None and size != item.bytes:

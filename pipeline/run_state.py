@@ -47,10 +47,11 @@ TRAINING_CODE = (
     "stable_sam/build.py",
     "stable_sam/checkpoint.py",
     "stable_sam/config.py",
-    "stable_sam/data.py",
+    "stable_sam/boxes.py",
+    "stable_sam/data",
     "stable_sam/losses.py",
     "stable_sam/prompts.py",
-    "stable_sam/training.py",
+    "stable_sam/training",
 )
 
 

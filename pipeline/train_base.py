@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from stable_sam.build import SMALL_SAM_SPECS, build_sam, file_sha256
-from stable_sam.checkpoint import atomic_torch_save
+from stable_sam.build import SMALL_SAM_SPECS, build_sam
+from stable_sam.checkpoint import atomic_torch_save, file_sha256
 from stable_sam.config import BaseTrainConfig, Params, PluginConfig, config_to_dict
 from stable_sam.data import open_dataset
 from stable_sam.modeling import StableSam

@@ -15,7 +15,6 @@ vit_b    1024    16     768 / 12 / 12          64 x 64  256 / 8, MLP 2048     93
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from .checkpoint import SamCheckpointError, file_sha256, load_plugin_checkpoint, read_plugin_checkpoint
 from .config import PluginConfig, TuningConfig
 from .modeling.stable_sam import StableSam
 
@@ -33,11 +33,9 @@ __all__ = [
     "OFFICIAL_SAM_TYPES",
     "SAM_TYPES",
     "SMALL_SAM_SPECS",
-    "SamCheckpointError",
     "SmallSamSpec",
     "build_sam",
     "build_stable_sam",
-    "file_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,19 +132,6 @@ SMALL_SAM_SPECS: dict[str, SmallSamSpec] = {
 }
 
 SAM_TYPES = (*OFFICIAL_SAM_TYPES, *SMALL_SAM_SPECS)
-
-
-class SamCheckpointError(ValueError):
-    """A SAM or plug-in checkpoint that cannot be used with the requested model."""
-
-
-def file_sha256(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
-    """sha256 of a file, streamed (SAM checkpoints are up to 2.5 GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _empty_sam(sam_type: str) -> Sam:
@@ -256,7 +241,6 @@ def build_stable_sam(
         strictly; its SAM type and SAM checkpoint hash must match.
       device: where to put the model.
     """
-    from .checkpoint import load_plugin_checkpoint, read_plugin_checkpoint
 
     stored = None if plugin_checkpoint is None else read_plugin_checkpoint(plugin_checkpoint)
     if stored is not None:

@@ -15,6 +15,7 @@ A checkpoint is a ``torch.save``d dict of plain containers and tensors, readable
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,9 @@ from .modeling.stable_sam import StableSam
 __all__ = [
     "PLUGIN_CHECKPOINT_FORMAT",
     "PluginCheckpoint",
+    "SamCheckpointError",
     "atomic_torch_save",
+    "file_sha256",
     "load_plugin_checkpoint",
     "read_plugin_checkpoint",
     "save_plugin_checkpoint",
@@ -37,6 +40,19 @@ __all__ = [
 
 PLUGIN_CHECKPOINT_FORMAT = "stable-sam-plugin/1"
 _CONFIG_TYPES = {"plugin_config": PluginConfig, "tuning": TuningConfig}
+
+
+class SamCheckpointError(ValueError):
+    """A SAM or plug-in checkpoint that cannot be used with the requested model."""
+
+
+def file_sha256(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
+    """sha256 of a file, streamed (SAM checkpoints are up to 2.5 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -98,7 +114,6 @@ def save_plugin_checkpoint(
 
 def read_plugin_checkpoint(path: str | os.PathLike) -> PluginCheckpoint:
     """Read and validate a plug-in checkpoint (``weights_only=True``); errors name the file."""
-    from .build import SamCheckpointError
 
     path = Path(path)
     if not path.is_file():
@@ -151,7 +166,6 @@ def load_plugin_checkpoint(
     Errors (naming the file and both values) when the checkpoint was trained on another SAM type
     or another SAM checkpoint (sha256), or with another plug-in/tuning configuration.
     """
-    from .build import SamCheckpointError
 
     ckpt = checkpoint if isinstance(checkpoint, PluginCheckpoint) else read_plugin_checkpoint(checkpoint)
     if ckpt.sam_type != model.sam_type:

@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .build import SAM_TYPES, SamCheckpointError, build_stable_sam
+from stable_sam.checkpoint import SamCheckpointError
+
+from .build import SAM_TYPES, build_stable_sam
 from .embedding_cache import EmbeddingCache
 from .predictor import StableSamPredictor, clip_box
 
-__all__ = ["main", "overlay_mask"]
+__all__ = ["main", "overlay_image"]
 
 
 def _floats(text: str, n: int, what: str) -> list[float]:
@@ -37,7 +39,7 @@ def _floats(text: str, n: int, what: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{what} must be numbers, got {text!r}") from None
 
 
-def overlay_mask(
+def overlay_image(
     image: np.ndarray,
     mask: np.ndarray,
     *,
@@ -126,7 +128,7 @@ def _predict(args: argparse.Namespace) -> int:
     mask_path = out_dir / f"{image_path.stem}_mask.png"
     overlay_path = out_dir / f"{image_path.stem}_overlay.png"
     Image.fromarray((mask * 255).astype(np.uint8)).save(mask_path)
-    overlay_mask(image, mask, box=box, points=points, labels=point_labels).save(overlay_path)
+    overlay_image(image, mask, box=box, points=points, labels=point_labels).save(overlay_path)
     summary = {
         "box": None if box is None else box.tolist(),
         "mask": str(mask_path),

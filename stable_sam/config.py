@@ -83,7 +83,7 @@ FETCH_SOURCES = ("embedded", "remote", "local")
 FETCH_VALIDATIONS = ("full", "header")
 EVAL_RESIZE_MODES = ("stretch", "longest_side")
 COARSE_MASK_VALUES = ("hqsam", "logits")
-# Evaluation prompt kinds besides "point_K" (K random clicks, K >= 1): stable_sam.prompts.draw_prompt.
+# Evaluation prompt kinds besides "point_K" (K random clicks, K >= 1): stable_sam.prompts.sample_prompt.
 EVAL_PROMPT_KINDS = ("gt_box", "noisy_box", "coarse_mask", "oracle_point")
 _POINT_KIND = re.compile(r"point_([0-9]+)")
 # Names of trained variants (ablate.variants): DVC pastes them into commands and paths.

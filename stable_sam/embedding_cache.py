@@ -25,7 +25,13 @@ import torch
 
 from .checkpoint import atomic_torch_save
 
-__all__ = ["CachedEmbedding", "EmbeddingCache", "EmbeddingSpec", "image_key"]
+__all__ = [
+    "CachedEmbedding",
+    "EmbeddingCache",
+    "EmbeddingSpec",
+    "ReadOnlyEmbeddingCache",
+    "image_key",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +189,24 @@ class EmbeddingCache:
 
     def __len__(self) -> int:
         return len(self._memory)
+
+
+class ReadOnlyEmbeddingCache(EmbeddingCache):
+    """An :class:`EmbeddingCache` that reads a folder written by someone else and never writes it.
+
+    Pipeline stages read the ``embed`` stage's output through it: a miss is computed and kept in
+    memory only, so no stage modifies another stage's DVC output. ``computed`` counts those misses.
+    """
+
+    def __init__(self, directory: str | Path | None = None, *, max_memory_items: int = 100_000) -> None:
+        super().__init__(directory, max_memory_items=max_memory_items)
+        self.computed = 0
+
+    def put(self, key: str, entry: CachedEmbedding) -> None:
+        self.computed += 1
+        self._remember(
+            key,
+            CachedEmbedding(
+                entry.embedding.detach().cpu(), tuple(entry.input_size), tuple(entry.original_size)
+            ),
+        )

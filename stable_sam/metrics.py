@@ -21,6 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
 __all__ = [
+    "as_bool_mask",
     "boundary_dilation",
     "boundary_iou",
     "coco_mask_ap",
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 
-def _as_bool_mask(mask: np.ndarray, name: str) -> np.ndarray:
+def as_bool_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
     """A 2-D bool view of a binary mask; non-binary values are rejected rather than thresholded."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -49,8 +50,8 @@ def _as_bool_mask(mask: np.ndarray, name: str) -> np.ndarray:
 
 
 def _mask_pair(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    gt = _as_bool_mask(gt, "gt")
-    pred = _as_bool_mask(pred, "pred")
+    gt = as_bool_mask(gt, "gt")
+    pred = as_bool_mask(pred, "pred")
     if gt.shape != pred.shape:
         raise ValueError(f"gt and pred must have the same shape, got gt {gt.shape} and pred {pred.shape}")
     return gt, pred
@@ -99,7 +100,7 @@ def mask_to_boundary(mask: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarr
     Returns:
       (np.ndarray): H x W bool boundary.
     """
-    mask = _as_bool_mask(mask, "mask")
+    mask = as_bool_mask(mask, "mask")
     d = boundary_dilation(*mask.shape, dilation_ratio=dilation_ratio)
     padded = np.pad(mask, 1, constant_values=False)
     # scipy's iterated erosion only revisits changed pixels: measured faster than one distance
@@ -151,7 +152,7 @@ def stability(masks: Sequence[np.ndarray]) -> float:
     """
     if len(masks) < 2:
         raise ValueError(f"stability needs K >= 2 predictions of the same object, got {len(masks)}")
-    masks = [_as_bool_mask(m, f"masks[{i}]") for i, m in enumerate(masks)]
+    masks = [as_bool_mask(m, f"masks[{i}]") for i, m in enumerate(masks)]
     shapes = {m.shape for m in masks}
     if len(shapes) != 1:
         raise ValueError(f"stability: all masks must have the same shape, got {sorted(shapes)}")
@@ -168,7 +169,7 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     Returns:
       (dict): {"size": [H, W], "counts": str}.
     """
-    mask = _as_bool_mask(mask, "mask")
+    mask = as_bool_mask(mask, "mask")
     rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 

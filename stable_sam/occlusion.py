@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stable_sam.config import OcclusionConfig
+from .boxes import box_from_mask
+from .config import OcclusionConfig
 
-__all__ = ["OccluderPlacement", "OcclusionResult", "mask_box", "synthesize_occlusion"]
+__all__ = ["OccluderPlacement", "OcclusionResult", "synthesize_occlusion"]
 
 
 @dataclass(frozen=True)
@@ -87,16 +88,6 @@ class OcclusionResult:
     visible_fraction: float
 
 
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Tight box (x0, y0, x1, y1) of a bool mask, max inclusive; None for an empty mask."""
-    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
-    if not rows.any():
-        return None
-    y0, y1 = np.nonzero(rows)[0][[0, -1]]
-    x0, x1 = np.nonzero(cols)[0][[0, -1]]
-    return int(x0), int(y0), int(x1), int(y1)
-
-
 def _resize(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear resize (align_corners=False) of an H x W x 3 crop and its mask (then > 0.5)."""
     stacked = np.concatenate([image.astype(np.float32), mask[..., None].astype(np.float32) * 255], axis=2)
@@ -142,10 +133,10 @@ def synthesize_occlusion(
     for i, m in enumerate(masks):
         if m.shape != (height, width):
             raise ValueError(f"mask {i} has shape {m.shape}, image is {(height, width)}")
-    target_box = mask_box(masks[target])
-    source_box = mask_box(occluder_mask)
-    if target_box is None or source_box is None:
+    if not masks[target].any() or not occluder_mask.any():
         return None
+    target_box = box_from_mask(masks[target]).astype(int).tolist()
+    source_box = box_from_mask(occluder_mask).astype(int).tolist()
 
     # The occluder, cropped to its box, flipped, and scaled against the occludee box.
     sx0, sy0, sx1, sy1 = source_box

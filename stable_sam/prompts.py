@@ -23,46 +23,46 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .boxes import EmptyMaskError, box_from_mask, check_box, check_size, noisy_box
+from .metrics import as_bool_mask
+
 __all__ = [
     "COARSE_MASK_LOGIT",
     "TRAINING_PROMPT_TYPES",
-    "EmptyMaskError",
-    "NoisyBoxError",
     "NotEnoughPixelsError",
     "Prompt",
-    "box_from_mask",
-    "box_iou",
     "coarse_mask",
-    "draw_prompt",
-    "draw_training_prompt",
-    "noisy_box",
     "oracle_point",
     "random_points",
+    "sample_prompt",
+    "sample_training_prompt",
 ]
+
 
 # Magnitude of the coarse-mask prompt for values="logits": sigmoid(20) = 1 - 2e-9, i.e. a confident
 # low-res logit like those SAM itself feeds back in iterative prompting.
 COARSE_MASK_LOGIT = 20.0
+
+
 # HQ-SAM feeds the binary coarse mask as {0, 255} straight into SAM's mask input.
 _HQSAM_MASK_VALUE = 255.0
+
+
 # Mask Transfiner's "incoherent region" detector: down/up-sampling factor and residual threshold.
 _INCOHERENT_FACTOR = 8
+
+
 _INCOHERENT_THRESHOLD = 0.01
 
+
 TRAINING_PROMPT_TYPES = ("gt_box", "noisy_box", "points", "coarse_mask")
+
+
 _POINT_KIND = re.compile(r"point_([0-9]+)")
-
-
-class EmptyMaskError(ValueError):
-    """The mask has no foreground pixel, so no prompt can be derived from it."""
 
 
 class NotEnoughPixelsError(ValueError):
     """The mask has fewer foreground pixels than the number of points asked for."""
-
-
-class NoisyBoxError(RuntimeError):
-    """No noisy box within the IoU window was drawn in the allowed number of tries."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,195 +112,13 @@ class Prompt:
             box = np.asarray(self.box, dtype=np.float32)
             if box.shape != (4,):
                 raise ValueError(f"Prompt.box must have shape (4,) (xyxy), got {box.shape}")
-            _check_box(box, "Prompt.box")
+            check_box(box, "Prompt.box")
             object.__setattr__(self, "box", box)
         if self.mask_input is not None:
             mask_input = np.asarray(self.mask_input, dtype=np.float32)
             if mask_input.ndim != 2:
                 raise ValueError(f"Prompt.mask_input must be h x w, got shape {mask_input.shape}")
             object.__setattr__(self, "mask_input", mask_input)
-
-
-def _as_bool_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
-    """A 2-D bool copy of a binary mask; non-binary values are rejected rather than thresholded."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D H x W array, got shape {mask.shape}")
-    if mask.dtype == bool:
-        return mask
-    if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
-        raise ValueError(f"{name} must be bool or numeric, got dtype {mask.dtype}")
-    if not np.all((mask == 0) | (mask == 1)):
-        raise ValueError(
-            f"{name} must be binary (bool or values in {{0, 1}}), got dtype {mask.dtype} with values in "
-            f"[{mask.min()}, {mask.max()}]; binarise it first (e.g. label > 128)"
-        )
-    return mask.astype(bool)
-
-
-def _check_box(box: np.ndarray, name: str) -> None:
-    if not np.all(np.isfinite(box)):
-        raise ValueError(f"{name} must be finite, got {box.tolist()}")
-    if box[2] < box[0] or box[3] < box[1]:
-        raise ValueError(f"{name} must be xyxy with x0 <= x1 and y0 <= y1, got {box.tolist()}")
-
-
-def _check_size(size: Sequence[int], name: str) -> tuple[int, int]:
-    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
-        raise ValueError(f"{name} must be two positive ints (H, W), got {size!r}")
-    return int(size[0]), int(size[1])
-
-
-def box_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Tight box of a mask's foreground, HQ-SAM's ``masks_to_boxes``.
-
-    Arguments:
-      mask (np.ndarray): H x W binary mask.
-
-    Returns:
-      (np.ndarray): 4 float32 xyxy pixel indices, max inclusive (a 1-pixel object gives x0 == x1).
-
-    Raises:
-      EmptyMaskError: the mask has no foreground (HQ-SAM would return a garbage 1e8 box here).
-    """
-    mask = _as_bool_mask(mask)
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        raise EmptyMaskError(f"cannot take the box of an empty mask (shape {mask.shape})")
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two xyxy boxes, with width = x1 - x0 (torchvision / HQ-SAM convention).
-
-    Boxes are segments between pixel centres, so a 1-pixel-wide object's box has zero width. An axis
-    on which BOTH boxes have zero extent is left out of the IoU (it counts 1 if their coordinates on
-    it coincide, else 0), so degenerate boxes compare as segments or points: a box always has IoU 1
-    with itself. A flipped side (x1 < x0) counts as zero extent.
-
-    Arguments:
-      a, b (np.ndarray): 4 xyxy coordinates each.
-
-    Returns:
-      (float): IoU in [0, 1].
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != (4,) or b.shape != (4,):
-        raise ValueError(f"box_iou expects two boxes of shape (4,), got {a.shape} and {b.shape}")
-    inter, area_a, area_b = 1.0, 1.0, 1.0
-    for lo, hi in ((0, 2), (1, 3)):
-        len_a = max(a[hi] - a[lo], 0.0)
-        len_b = max(b[hi] - b[lo], 0.0)
-        if len_a == 0.0 and len_b == 0.0:
-            inter *= float(a[lo] == b[lo])
-            continue
-        inter *= max(min(a[hi], b[hi]) - max(a[lo], b[lo]), 0.0)
-        area_a *= len_a
-        area_b *= len_b
-    union = area_a + area_b - inter
-    return float(inter / union) if union > 0.0 else 0.0
-
-
-def _jitter_box(box: np.ndarray, u: np.ndarray, noise_scale: float) -> np.ndarray:
-    """DN-DETR / HQ-SAM ``box_noise`` for one box and a given draw u in [-1, 1]^4 (no clamping).
-
-    (cx, cy, w, h) += u * (w / 2, h / 2, w, h) * noise_scale, then back to xyxy. So the centre moves
-    by at most noise_scale * w / 2 and the size changes by at most noise_scale * w (likewise for h).
-
-    Arguments:
-      box (np.ndarray): 4 xyxy.
-      u (np.ndarray): 4 values in [-1, 1], in the order (cx, cy, w, h).
-      noise_scale (float): the DN-DETR box noise scale.
-
-    Returns:
-      (np.ndarray): 4 float64 xyxy.
-    """
-    box = np.asarray(box, dtype=np.float64)
-    u = np.asarray(u, dtype=np.float64)
-    w, h = box[2] - box[0], box[3] - box[1]
-    cxcywh = np.array([box[0] + w / 2, box[1] + h / 2, w, h])
-    cxcywh = cxcywh + u * np.array([w / 2, h / 2, w, h]) * noise_scale
-    cx, cy, w, h = cxcywh
-    return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-
-
-def _reference_extent(lo: float, hi: float, limit: int) -> tuple[float, float]:
-    """Widen a zero-width extent to one pixel (pixel-centre to pixel-centre), kept inside [0, limit - 1]."""
-    width = min(1.0, float(limit - 1))
-    if hi - lo >= width:
-        return lo, hi
-    centre = (lo + hi) / 2
-    lo = float(np.clip(centre - width / 2, 0.0, limit - 1 - width))
-    return lo, lo + width
-
-
-def noisy_box(
-    box: np.ndarray,
-    *,
-    image_size: tuple[int, int],
-    generator: np.random.Generator,
-    noise_scale: float = 0.4,
-    min_iou: float = 0.5,
-    max_iou: float = 1.0,
-    max_tries: int = 100,
-) -> np.ndarray:
-    """A noisy version of a box: HQ-SAM's ``box_noise`` redrawn until min_iou <= IoU(noisy, box) <= max_iou.
-
-    Each try draws u ~ U(-1, 1)^4 from ``generator``, applies ``_jitter_box`` and clamps the result to
-    the image ([0, W - 1] x [0, H - 1], the range of an inclusive box). The IoU (``box_iou``) is that
-    of the clamped box, i.e. of the prompt actually fed to SAM. ``max_iou`` < 1 gives the COCO
-    "N-Box (0.5-0.6)" protocol.
-
-    Degenerate boxes: a side shorter than one pixel (a 1-pixel-wide object has x0 == x1) is first
-    widened to one pixel around its centre (shifted to stay inside the image), and that widened box is
-    both jittered and used as the IoU reference. Without it the noise would be zero (it is relative to
-    w) and the IoU 0/0. Boxes of at least one pixel per side are used exactly as given. Draws with a
-    flipped side (possible only for noise_scale >= 1) are rejected.
-
-    Arguments:
-      box (np.ndarray): 4 xyxy, inclusive max index.
-      image_size (tuple(int, int)): (H, W) of the frame the box lives in.
-      generator (np.random.Generator): the only source of randomness.
-      noise_scale (float): DN-DETR box noise scale (0.4 in Stable-SAM).
-      min_iou, max_iou (float): accepted IoU window with the (reference) box.
-      max_tries (int): number of draws before giving up.
-
-    Returns:
-      (np.ndarray): 4 float32 xyxy inside the image.
-
-    Raises:
-      NoisyBoxError: no draw landed in the IoU window in ``max_tries`` tries.
-    """
-    box = np.asarray(box, dtype=np.float64)
-    if box.shape != (4,):
-        raise ValueError(f"box must have shape (4,) (xyxy), got {box.shape}")
-    _check_box(box, "box")
-    height, width = _check_size(image_size, "image_size")
-    if noise_scale < 0:
-        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
-    if not 0.0 <= min_iou <= max_iou <= 1.0:
-        raise ValueError(f"need 0 <= min_iou <= max_iou <= 1, got min_iou={min_iou}, max_iou={max_iou}")
-    if max_tries < 1:
-        raise ValueError(f"max_tries must be >= 1, got {max_tries}")
-
-    x0, x1 = _reference_extent(box[0], box[2], width)
-    y0, y1 = _reference_extent(box[1], box[3], height)
-    reference = np.array([x0, y0, x1, y1])
-    upper = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float64)
-    for _ in range(max_tries):
-        u = generator.uniform(-1.0, 1.0, size=4)
-        candidate = _jitter_box(reference, u, noise_scale)
-        if candidate[2] < candidate[0] or candidate[3] < candidate[1]:
-            continue
-        candidate = np.clip(candidate, 0.0, upper)
-        if min_iou <= box_iou(candidate, reference) <= max_iou:
-            return candidate.astype(np.float32)
-    raise NoisyBoxError(
-        f"no noisy box with IoU in [{min_iou}, {max_iou}] of box {box.tolist()} (image {height}x{width}) "
-        f"in {max_tries} tries at noise_scale={noise_scale}"
-    )
 
 
 def random_points(
@@ -324,7 +142,7 @@ def random_points(
       EmptyMaskError: the mask has no foreground.
       NotEnoughPixelsError: fewer than k foreground pixels and replace=False.
     """
-    mask = _as_bool_mask(mask)
+    mask = as_bool_mask(mask)
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     flat = np.flatnonzero(mask)
@@ -365,11 +183,11 @@ def oracle_point(
     Raises:
       ValueError: the prediction has no error left (pred == gt) outside already clicked pixels.
     """
-    gt = _as_bool_mask(gt, "gt")
-    pred = np.zeros_like(gt) if pred is None else _as_bool_mask(pred, "pred")
+    gt = as_bool_mask(gt, "gt")
+    pred = np.zeros_like(gt) if pred is None else as_bool_mask(pred, "pred")
     if pred.shape != gt.shape:
         raise ValueError(f"pred shape {pred.shape} differs from gt shape {gt.shape}")
-    allowed = np.ones_like(gt) if not_clicked is None else _as_bool_mask(not_clicked, "not_clicked")
+    allowed = np.ones_like(gt) if not_clicked is None else as_bool_mask(not_clicked, "not_clicked")
     if allowed.shape != gt.shape:
         raise ValueError(f"not_clicked shape {allowed.shape} differs from gt shape {gt.shape}")
 
@@ -412,8 +230,8 @@ def coarse_mask(
     Returns:
       (np.ndarray): h x w float32.
     """
-    mask = _as_bool_mask(mask)
-    h, w = _check_size(size, "size")
+    mask = as_bool_mask(mask)
+    h, w = check_size(size, "size")
     if h % _INCOHERENT_FACTOR or w % _INCOHERENT_FACTOR:
         raise ValueError(f"size must be divisible by {_INCOHERENT_FACTOR}, got {(h, w)}")
     if values == "hqsam":
@@ -435,7 +253,7 @@ def coarse_mask(
     return np.where(noisy, high, low).astype(np.float32)
 
 
-def draw_prompt(
+def sample_prompt(
     kind: str,
     mask: np.ndarray,
     *,
@@ -466,7 +284,7 @@ def draw_prompt(
     Raises:
       EmptyMaskError: the mask has no foreground.
     """
-    mask = _as_bool_mask(mask)
+    mask = as_bool_mask(mask)
     if not mask.any():
         raise EmptyMaskError(f"cannot draw a {kind!r} prompt for an empty mask (shape {mask.shape})")
     point_kind = _POINT_KIND.fullmatch(kind) if isinstance(kind, str) else None
@@ -499,7 +317,7 @@ def draw_prompt(
     )
 
 
-def draw_training_prompt(
+def sample_training_prompt(
     mask: np.ndarray,
     *,
     generator: np.random.Generator,
@@ -523,7 +341,7 @@ def draw_training_prompt(
       generator (np.random.Generator): the only source of randomness.
       weights (Mapping[str, float]): non-negative weight per prompt type, not all zero.
       point_counts (Sequence[int]): candidate numbers of points, each >= 1 (Stable-SAM: 1, 3, 5, 10).
-      mask_input_size, noise_scale, min_iou, coarse_values: see ``draw_prompt``.
+      mask_input_size, noise_scale, min_iou, coarse_values: see ``sample_prompt``.
 
     Returns:
       (Prompt): kind "gt_box", "noisy_box", "point_K" or "coarse_mask".
@@ -543,7 +361,7 @@ def draw_training_prompt(
         not counts or not all(isinstance(k, (int, np.integer)) and k >= 1 for k in counts)
     ):
         raise ValueError(f"point_counts must be a non-empty list of ints >= 1, got {point_counts!r}")
-    mask = _as_bool_mask(mask)
+    mask = as_bool_mask(mask)
     n_pixels = int(mask.sum())
     if n_pixels == 0:
         raise EmptyMaskError(f"cannot draw a training prompt for an empty mask (shape {mask.shape})")
@@ -552,7 +370,7 @@ def draw_training_prompt(
     if kind == "points":
         k = int(counts[generator.integers(len(counts))])
         kind = f"point_{k}" if n_pixels >= k else "gt_box"
-    return draw_prompt(
+    return sample_prompt(
         kind,
         mask,
         generator=generator,

@@ -11,10 +11,10 @@ import torch
 
 from pipeline.readme_table import write_text_atomic as readme_write_text
 from pipeline.sam_source import SamSource, write_json_atomic, write_sam_source
+from pipeline.sources.embedded import _atomic_write_bytes as embedded_write
 from pipeline.synthesize import _atomic_bytes as synthesize_write
 from stable_sam.atomic_write import AtomicFileSet, atomic_open, write_bytes_atomic, write_text_atomic
 from stable_sam.checkpoint import atomic_torch_save, save_plugin_checkpoint
-from stable_sam.embedded_dataset import _atomic_write_bytes as embedded_write
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])

@@ -17,9 +17,10 @@ from pipeline.base_data import run as run_base_data
 from pipeline.params import load_params
 from pipeline.release_base import release
 from pipeline.sam_source import read_sam_source
-from stable_sam.build import build_sam, file_sha256
+from pipeline.sources import CATEGORIES, target_families
+from stable_sam.build import build_sam
+from stable_sam.checkpoint import file_sha256
 from stable_sam.config import PluginConfig
-from stable_sam.embedded_dataset import CATEGORIES, target_families
 from stable_sam.modeling import StableSam
 from stable_sam.training import (
     AugmentedPromptDataset,

@@ -7,8 +7,8 @@ import torch
 from conftest import perturb_plugins, random_stable_sam
 
 from stable_sam import build_stable_sam, read_plugin_checkpoint, save_plugin_checkpoint
-from stable_sam.build import SamCheckpointError, build_sam, file_sha256
-from stable_sam.checkpoint import PLUGIN_CHECKPOINT_FORMAT
+from stable_sam.build import build_sam
+from stable_sam.checkpoint import PLUGIN_CHECKPOINT_FORMAT, SamCheckpointError, file_sha256
 from stable_sam.config import PluginConfig, TuningConfig
 
 

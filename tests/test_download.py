@@ -17,14 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stable_sam.download import (
-    ChecksumError,
-    DownloadError,
-    UnsafeArchiveError,
-    download_file,
-    safe_extract,
-    sha256_file,
-)
+from pipeline.sources import ChecksumError, DownloadError, UnsafeArchiveError, download_file, safe_extract
+from stable_sam.checkpoint import file_sha256
 
 
 class FileServer:
@@ -235,7 +229,7 @@ def test_present_file_is_not_downloaded_again(tmp_path, server, payload):
     dest.write_bytes(payload)
     result = download_file(f"{server.url}/model.pth", dest, expected_sha256=sha(payload))
     assert result.already_present and server.requests == []
-    assert sha256_file(dest) == sha(payload)
+    assert file_sha256(dest) == sha(payload)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,7 +271,7 @@ def test_a_changed_file_after_a_partial_download_restarts_from_zero(
     _cut_once(server, dest, expected_sha256=sha(payload) if published_sha256 else None)
     server.files["/model.pth"] = new_version  # the server publishes another version
     expected = sha(new_version) if published_sha256 else None
-    with caplog.at_level(logging.INFO, logger="stable_sam.download"):
+    with caplog.at_level(logging.INFO, logger="pipeline.sources.download"):
         result = download_file(f"{server.url}/model.pth", dest, expected_sha256=expected)
     # Not the old part + the new file's tail: If-Range got the whole new file (200).
     assert dest.read_bytes() == new_version and result.resumed_requests == 0
@@ -292,7 +286,7 @@ def test_a_server_ignoring_if_range_with_another_etag_restarts_from_zero(
     _cut_once(server, dest)
     server.files["/model.pth"] = new_version
     server.ignore_if_range = True  # answers 206 for the new version
-    with caplog.at_level(logging.INFO, logger="stable_sam.download"):
+    with caplog.at_level(logging.INFO, logger="pipeline.sources.download"):
         result = download_file(f"{server.url}/model.pth", dest)
     assert dest.read_bytes() == new_version and result.resumed_requests == 0
     assert server.requests[-1] == ("/model.pth", None)  # the restart asks for the whole file
@@ -305,7 +299,7 @@ def test_unverified_part_of_unknown_version_is_not_resumed(tmp_path, server, pay
     dest = tmp_path / "model.pth"
     dest.with_name("model.pth.part").write_bytes(payload[:100_000])
     server.files["/model.pth"] = new_version
-    with caplog.at_level(logging.INFO, logger="stable_sam.download"):
+    with caplog.at_level(logging.INFO, logger="pipeline.sources.download"):
         result = download_file(f"{server.url}/model.pth", dest)
     assert server.requests == [("/model.pth", None)]
     assert dest.read_bytes() == new_version and result.resumed_requests == 0

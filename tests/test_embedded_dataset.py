@@ -10,8 +10,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from scipy import ndimage
 
+from pipeline.sources import CATEGORIES, generate_scene, generate_split, scene_generator
 from stable_sam import data
-from stable_sam.embedded_dataset import CATEGORIES, generate_scene, generate_split, scene_generator
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -27,8 +27,8 @@ from pipeline.evaluate import run as evaluate
 from pipeline.raw_data import write_raw_manifest
 from pipeline.sam_source import SamSource, write_sam_source
 from stable_sam.atomic_write import AtomicFileSet
-from stable_sam.build import build_sam, build_stable_sam, file_sha256
-from stable_sam.checkpoint import save_plugin_checkpoint
+from stable_sam.build import build_sam, build_stable_sam
+from stable_sam.checkpoint import file_sha256, save_plugin_checkpoint
 from stable_sam.config import DataConfig, EvalConfig, Params, PluginConfig, TrackingConfig, TuningConfig
 
 N_IMAGES = 4

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import perturb_plugins, random_stable_sam
 
+from stable_sam.boxes import box_from_mask, box_iou
 from stable_sam.data import CocoSample, Sample
-from stable_sam.embedding_cache import EmbeddingCache
+from stable_sam.embedding_cache import EmbeddingCache, ReadOnlyEmbeddingCache
 from stable_sam.evaluation import (
-    ReadOnlyEmbeddingCache,
     coco_gt_subset,
     coco_noisy_box_detections,
     coco_noisy_boxes,
@@ -27,7 +27,6 @@ from stable_sam.evaluation import (
     summarize,
 )
 from stable_sam.metrics import coco_mask_ap
-from stable_sam.prompts import box_from_mask, box_iou
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -26,7 +26,8 @@ def _make_artefacts(root: Path) -> None:
     from pipeline.fetch import run as fetch
     from pipeline.sam_source import SamSource, write_sam_source
     from pipeline.tracking import stage_run
-    from stable_sam.build import build_stable_sam, file_sha256
+    from stable_sam.build import build_stable_sam
+    from stable_sam.checkpoint import file_sha256
 
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     overrides = [

@@ -24,7 +24,7 @@ from stable_sam import build, config
 from stable_sam.config import ConfigError, Params, PluginConfig, check_config, is_eval_prompt_kind
 from stable_sam.data import DatasetError, SegmentationFolder, prepare_eval_image
 from stable_sam.modeling import deformable_sampling, dynamic_routing, plugged_attention
-from stable_sam.prompts import coarse_mask, draw_prompt
+from stable_sam.prompts import coarse_mask, sample_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "params.yaml"
@@ -220,10 +220,10 @@ def test_eval_prompt_kinds_are_exactly_what_the_evaluation_draws(kind):
     mask[16:40, 20:44] = True
     rng = np.random.default_rng(0)
     if is_eval_prompt_kind(kind):
-        assert draw_prompt(kind, mask, generator=rng, mask_input_size=(64, 64)).kind == kind
+        assert sample_prompt(kind, mask, generator=rng, mask_input_size=(64, 64)).kind == kind
     else:
         with pytest.raises(ValueError, match="unknown prompt kind"):
-            draw_prompt(kind, mask, generator=rng, mask_input_size=(64, 64))
+            sample_prompt(kind, mask, generator=rng, mask_input_size=(64, 64))
 
 
 # ------------------------------------------------------------------------------------------------

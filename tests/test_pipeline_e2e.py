@@ -24,7 +24,7 @@ import pytest
 import yaml
 from _tiny_project import REPO, kill_pids, pids_with_cmdline, random_tiny_sam_checkpoint, subprocess_env
 
-from stable_sam.build import file_sha256
+from stable_sam.checkpoint import file_sha256
 
 pytestmark = pytest.mark.slow
 

@@ -7,21 +7,16 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from stable_sam.boxes import EmptyMaskError, NoisyBoxError, _jitter_box, box_from_mask, box_iou, noisy_box
 from stable_sam.prompts import (
     COARSE_MASK_LOGIT,
-    EmptyMaskError,
-    NoisyBoxError,
     NotEnoughPixelsError,
     Prompt,
-    _jitter_box,
-    box_from_mask,
-    box_iou,
     coarse_mask,
-    draw_prompt,
-    draw_training_prompt,
-    noisy_box,
     oracle_point,
     random_points,
+    sample_prompt,
+    sample_training_prompt,
 )
 
 ALL_TYPES = {"gt_box": 1.0, "noisy_box": 1.0, "points": 1.0, "coarse_mask": 1.0}
@@ -360,27 +355,27 @@ def test_coarse_mask_rejects_bad_arguments():
         coarse_mask(square(32, 8, 23), generator=gen, size=(32, 32), values="probs")
 
 
-# --- draw_prompt / draw_training_prompt ---------------------------------------------------------------
+# --- sample_prompt / sample_training_prompt ---------------------------------------------------------------
 
 
 def test_draw_prompt_kinds():
     mask = square(32, 4, 20)
     gen = np.random.default_rng(0)
     kw = {"generator": gen, "mask_input_size": (16, 16)}
-    np.testing.assert_array_equal(draw_prompt("gt_box", mask, **kw).box, [4, 4, 20, 20])
-    assert box_iou(draw_prompt("noisy_box", mask, **kw).box, np.array([4, 4, 20, 20])) >= 0.5
-    p = draw_prompt("point_10", mask, **kw)
+    np.testing.assert_array_equal(sample_prompt("gt_box", mask, **kw).box, [4, 4, 20, 20])
+    assert box_iou(sample_prompt("noisy_box", mask, **kw).box, np.array([4, 4, 20, 20])) >= 0.5
+    p = sample_prompt("point_10", mask, **kw)
     assert p.kind == "point_10" and p.point_coords.shape == (10, 2)
     np.testing.assert_array_equal(p.point_labels, np.ones(10))
-    p = draw_prompt("coarse_mask", mask, **kw)
+    p = sample_prompt("coarse_mask", mask, **kw)
     assert p.mask_input.shape == (16, 16) and p.box is None and p.point_coords is None
-    p = draw_prompt("oracle_point", mask, **kw)
+    p = sample_prompt("oracle_point", mask, **kw)
     np.testing.assert_array_equal(p.point_coords, [[12, 12]])
     np.testing.assert_array_equal(p.point_labels, [1])
 
 
 def test_draw_prompt_points_on_a_tiny_object_use_replacement():
-    p = draw_prompt(
+    p = sample_prompt(
         "point_10", one_pixel((8, 8), 7, 0), generator=np.random.default_rng(0), mask_input_size=(8, 8)
     )
     np.testing.assert_array_equal(p.point_coords, [[0, 7]] * 10)
@@ -389,12 +384,12 @@ def test_draw_prompt_points_on_a_tiny_object_use_replacement():
 @pytest.mark.parametrize("kind", ["point_0", "point_", "points", "box", "point_1.5"])
 def test_draw_prompt_unknown_kind(kind):
     with pytest.raises(ValueError, match="unknown prompt kind"):
-        draw_prompt(kind, square(8, 2, 5), generator=np.random.default_rng(0), mask_input_size=(8, 8))
+        sample_prompt(kind, square(8, 2, 5), generator=np.random.default_rng(0), mask_input_size=(8, 8))
 
 
 def test_draw_prompt_empty_mask():
     with pytest.raises(EmptyMaskError):
-        draw_prompt(
+        sample_prompt(
             "gt_box", np.zeros((8, 8), bool), generator=np.random.default_rng(0), mask_input_size=(8, 8)
         )
 
@@ -402,7 +397,7 @@ def test_draw_prompt_empty_mask():
 def _training_kinds(mask, weights, n, seed=0, point_counts=(1, 3, 5, 10)):
     gen = np.random.default_rng(seed)
     return [
-        draw_training_prompt(
+        sample_training_prompt(
             mask, generator=gen, weights=weights, point_counts=point_counts, mask_input_size=(16, 16)
         ).kind
         for _ in range(n)

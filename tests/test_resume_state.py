@@ -69,8 +69,8 @@ def test_an_unusable_state_is_moved_aside_and_the_run_starts_over(resume_file, d
 
 def test_train_base_starts_over_from_a_truncated_state(tmp_path, monkeypatch, caplog):
     from pipeline import train_base
+    from pipeline.sources import generate_split
     from stable_sam.config import BaseTrainConfig, Params, SamConfig
-    from stable_sam.embedded_dataset import generate_split
 
     data = tmp_path / "pretrain"
     generate_split(data, num_images=4, image_size=64, split="pretrain")

@@ -26,7 +26,8 @@ from _tiny_project import (
 )
 
 from pipeline.train import main
-from stable_sam.build import build_stable_sam, file_sha256
+from stable_sam.build import build_stable_sam
+from stable_sam.checkpoint import file_sha256
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,54 @@
+"""Evaluation at decoder cost: embed each image once, then decode every prompt, model and setting.
+
+The protocol follows HQ-SAM's evaluation and the method spec (sections 5 and 6): the image and its
+GT are brought to the model frame ("stretch": squashed to S x S like HQ-SAM, or "longest_side" like
+SamPredictor), prompts are drawn from the GT in that frame, and the predicted low-res logits are
+brought back to the original resolution, where IoU and Boundary IoU are measured (logit > 0 vs
+GT). Random prompt kinds are drawn ``draws`` times from ``np.random.default_rng([seed, draw,
+image, kind])``, so every model and every routing setting sees the very same prompts.
+
+The image encoder never runs inside the loops: :func:`embed_images` computes (or fetches from an
+:class:`EmbeddingCache`) one embedding per image and model input, which every prompt kind, draw,
+model (SAM = the same weights with plug-ins off) and sweep point reuses.
+"""
+
+from .coco import (
+    COCO_NOISE_SCALES,
+    CocoImage,
+    CocoResult,
+    coco_gt_subset,
+    coco_noisy_box_detections,
+    coco_noisy_boxes,
+    prepare_coco_image,
+)
+from .protocol import (
+    DETERMINISTIC_KINDS,
+    Decoded,
+    PreparedImage,
+    decode_prompts,
+    embed_images,
+    eval_prompts,
+    evaluate_prompts,
+    prepare_image,
+)
+from .summary import per_image_rows, summarize
+
+__all__ = [
+    "COCO_NOISE_SCALES",
+    "DETERMINISTIC_KINDS",
+    "CocoImage",
+    "CocoResult",
+    "Decoded",
+    "PreparedImage",
+    "coco_gt_subset",
+    "coco_noisy_box_detections",
+    "coco_noisy_boxes",
+    "decode_prompts",
+    "embed_images",
+    "eval_prompts",
+    "evaluate_prompts",
+    "per_image_rows",
+    "prepare_coco_image",
+    "prepare_image",
+    "summarize",
+]
