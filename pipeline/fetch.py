@@ -33,7 +33,6 @@ fails the stage (naming it and its folders).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -49,25 +48,18 @@ from pipeline.raw_data import (
     FileManifest,
     RawDataError,
     load_file_manifest,
-    placement_hint,
     portable_path,
     write_raw_manifest,
 )
-from pipeline.sources import DownloadError, download_file, generate_split, safe_extract
+from pipeline.sources import generate_split
+from pipeline.sources.items import FetchError, fetch_local, fetch_remote
 from stable_sam import data as data_lib
-from stable_sam.checkpoint import file_sha256
 from stable_sam.config import Params
 
 __all__ = ["FetchError", "FetchPaths", "main", "run"]
 
+
 logger = logging.getLogger(__name__)
-
-_SOURCES = ("embedded", "remote", "local")
-_MARKER = ".fetch-complete.json"
-
-
-class FetchError(RuntimeError):
-    """Files that could not be fetched or verified; the message says how to place them by hand."""
 
 
 @dataclass(frozen=True)
@@ -81,10 +73,6 @@ class FetchPaths:
 
     out: Path
     downloads: Path | None = None
-
-
-# ------------------------------------------------------------------------------------------------
-# Embedded
 
 
 def _fetch_embedded(params: Params, out: Path, record: dict[str, Any]) -> dict[str, float]:
@@ -103,9 +91,7 @@ def _fetch_embedded(params: Params, out: Path, record: dict[str, Any]) -> dict[s
             split=split,
         )
         try:
-            folder = data_lib.open_dataset(
-                "embedded", split=split, root=root, validate=_validate_mode(params)
-            )
+            folder = data_lib.open_dataset("embedded", split=split, root=root, validate=params.fetch.validate)
         except data_lib.DatasetError as err:
             raise FetchError(
                 f"the generated embedded {split} split in {root / split} is unusable: {err}"
@@ -144,134 +130,6 @@ def _record_skipped(
         {"path": portable_path(Path(s.path), out), "reason": s.reason} for s in folder.skipped
     )
     record["unmatched_files"] += len(folder.unmatched)
-
-
-def _validate_mode(params: Params) -> str:
-    mode = params.fetch.validate
-    if mode not in ("full", "header"):
-        raise FetchError(f"fetch.validate must be 'full' or 'header', got {mode!r}")
-    return mode
-
-
-# ------------------------------------------------------------------------------------------------
-# Remote and local items
-
-
-def _check_trust(item: FileItem, params: Params) -> None:
-    if item.sha256 is None and item.name not in params.fetch.trust_unverified:
-        raise FetchError(
-            f"{item.name}: pipeline/manifest.json has no published sha256 for {item.filename}, so its "
-            f"content cannot be verified. To accept the first download's hash (it is then recorded in "
-            f"the raw-data manifest), add it explicitly: --set 'fetch.trust_unverified=[{item.name}]'"
-        )
-
-
-def _missing_expected(folder: Path, item: FileItem) -> list[str]:
-    return [str(folder / e) for e in item.expect if not (folder / e).exists()]
-
-
-def _fetch_remote_item(
-    item: FileItem,
-    params: Params,
-    out: Path,
-    download_dir: Path,
-    session: requests.Session,
-    record: dict[str, Any],
-) -> None:
-    cfg = params.fetch
-    _check_trust(item, params)
-    if item.kind == "archive":
-        target = out / item.extract_to
-        marker = target / _MARKER
-        if marker.is_file() and not _missing_expected(target, item):
-            done = json.loads(marker.read_text())
-            if item.sha256 is None or done.get("sha256") == item.sha256:
-                logger.info("%s: already extracted in %s", item.name, target)
-                record["items"][item.name] = done
-                return
-    # Trust on first download: the first hash of an unpublished file is pinned next to it, and
-    # every later run verifies against the pin.
-    pin = download_dir / f"{item.filename}.sha256"
-    expected = item.sha256 or (pin.read_text().strip() if pin.is_file() else None)
-    result = download_file(
-        item.url,
-        download_dir / item.filename,
-        expected_sha256=expected,
-        expected_size=item.bytes,
-        timeout=cfg.timeout_s,
-        retries=cfg.retries,
-        session=session,
-    )
-    if item.sha256 is None and not pin.is_file():
-        pin.write_text(result.sha256 + "\n")
-        logger.warning(
-            "%s: no published sha256; pinned the first download's %s in %s", item.name, result.sha256, pin
-        )
-    if not result.already_present:
-        record["downloaded_bytes"] += result.bytes
-    entry = {
-        "sha256": result.sha256,
-        "bytes": result.bytes,
-        "verified": "manifest" if item.sha256 else "trusted_first_download",
-        "url": item.url,
-    }
-    if item.kind == "checkpoint":
-        record["checkpoints"][item.sam_type] = {
-            "path": portable_path(result.path, out),
-            "sha256": result.sha256,
-            "bytes": result.bytes,
-            "item": item.name,
-            "verified": entry["verified"],
-        }
-    else:
-        target = out / item.extract_to
-        safe_extract(result.path, target)
-        missing = _missing_expected(target, item)
-        if missing:
-            raise FetchError(
-                f"{item.name}: {item.filename} was extracted to {target} but the expected layout is "
-                f"missing: {missing}. The archive's layout differs from pipeline/manifest.json; fix "
-                "'extract_to'/'expect' there or place the folders by hand with fetch.source=local."
-            )
-        (target / _MARKER).write_text(json.dumps(entry, sort_keys=True))
-        if not cfg.keep_archives:  # the marker makes a rerun skip it; the zip is dead weight
-            result.path.unlink()
-    record["items"][item.name] = entry
-
-
-def _fetch_local_item(item: FileItem, params: Params, local_root: Path, record: dict[str, Any]) -> None:
-    if item.kind == "checkpoint":
-        path = local_root / item.filename
-        if not path.is_file():
-            raise FetchError(f"{item.name}: expected the checkpoint at {path}")
-        _check_trust(item, params)
-        digest, size = file_sha256(path), path.stat().st_size
-        if item.sha256 is not None and digest != item.sha256:
-            raise FetchError(f"{item.name}: {path} has sha256 {digest}, expected {item.sha256}")
-        if item.bytes is not None and size != item.bytes:
-            raise FetchError(f"{item.name}: {path} has {size} bytes, expected {item.bytes}")
-        verified = "manifest" if item.sha256 else "trusted_first_download"
-        record["checkpoints"][item.sam_type] = {
-            "path": str(path.resolve()),
-            "sha256": digest,
-            "bytes": size,
-            "item": item.name,
-            "verified": verified,
-        }
-        record["items"][item.name] = {
-            "path": str(path.resolve()),
-            "sha256": digest,
-            "bytes": size,
-            "verified": verified,
-        }
-    else:
-        folder = local_root / item.extract_to
-        if not folder.is_dir():
-            raise FetchError(f"{item.name}: expected the extracted folder at {folder}")
-        missing = _missing_expected(folder, item)
-        if missing:
-            raise FetchError(f"{item.name}: {folder} lacks the expected paths {missing}")
-        record["items"][item.name] = {"path": str(folder.resolve())}
 
 
 def _describe_datasets(
@@ -314,7 +172,7 @@ def _describe_datasets(
                     continue
                 try:
                     folder = data_lib.open_dataset(
-                        name, split=split, root=root, validate=_validate_mode(params)
+                        name, split=split, root=root, validate=params.fetch.validate
                     )
                 except data_lib.DatasetError as err:
                     unusable.append(f"  - {name}: {err}")
@@ -328,10 +186,6 @@ def _describe_datasets(
         # download or layout, and every later stage would fail on it.
         raise FetchError("unusable dataset(s), nothing valid is left:\n" + "\n".join(unusable))
     return metrics
-
-
-# ------------------------------------------------------------------------------------------------
-# Stage
 
 
 def run(
@@ -359,8 +213,6 @@ def run(
     """
     start = time.perf_counter()
     cfg = params.fetch
-    if cfg.source not in _SOURCES:
-        raise FetchError(f"fetch.source must be one of {_SOURCES}, got {cfg.source!r}")
     out = Path(paths.out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
@@ -394,46 +246,11 @@ def run(
 
     download_dir = Path(paths.downloads) if paths.downloads is not None else out / "downloads"
     record["downloads"] = portable_path(download_dir, out)
-    failures: list[tuple[FileItem, str]] = []
     if items and cfg.source == "remote":
-        own = session is None
-        session = session or requests.Session()
-        try:
-            for item in items:
-                try:
-                    _fetch_remote_item(item, params, out, download_dir, session, record)
-                except (DownloadError, FetchError, OSError, ValueError) as err:
-                    logger.error("%s: %s", item.name, err)
-                    failures.append((item, str(err)))
-        finally:
-            if own:
-                session.close()
-        if failures:
-            raise FetchError(_remote_failure_message(failures, download_dir, out))
+        fetch_remote(items, params, out, download_dir, session, record)
         metrics.update(_describe_datasets(manifest, items, out, out, params, record))
     elif items and cfg.source == "local":
-        if not cfg.local_root:
-            raise FetchError("fetch.source=local needs fetch.local_root (the folder that holds your files)")
-        local_root = Path(cfg.local_root).expanduser()
-        if not local_root.is_dir():
-            raise FetchError(f"fetch.local_root {local_root} is not a folder")
-        for item in items:
-            try:
-                _fetch_local_item(item, params, local_root, record)
-            except (FetchError, OSError) as err:
-                failures.append((item, str(err)))
-        if failures:
-            lines = [f"  - {msg}" for _, msg in failures]
-            hints = [
-                placement_hint(i, download_dir=download_dir, raw_dir=out, local_root=str(local_root))
-                for i, _ in failures
-            ]
-            raise FetchError(
-                "fetch.source=local: some files are missing or do not verify:\n"
-                + "\n".join(lines)
-                + "\nExpected places:\n"
-                + "\n".join(hints)
-            )
+        local_root = fetch_local(items, params, out, download_dir, record)
         metrics.update(_describe_datasets(manifest, items, local_root, out, params, record))
     elif not want_embedded:
         raise FetchError(
@@ -459,19 +276,6 @@ def run(
         }
     )
     return metrics
-
-
-def _remote_failure_message(failures: list[tuple[FileItem, str]], download_dir: Path, out: Path) -> str:
-    lines = ["could not fetch every requested file:"]
-    for item, message in failures:
-        lines.append(f"  - {item.name}: {message}")
-    lines.append("To continue without network, place the files by hand:")
-    lines.extend(placement_hint(item, download_dir=download_dir, raw_dir=out) for item, _ in failures)
-    lines.append(
-        "or use data you already have with fetch.source=local and fetch.local_root=DIR, "
-        "or the offline dataset with fetch.source=embedded."
-    )
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

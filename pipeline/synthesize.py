@@ -46,7 +46,7 @@ from pipeline.params import load_params, stage_argument_parser
 from pipeline.raw_data import RAW_MANIFEST_NAME, portable_path, read_raw_manifest
 from stable_sam import data as data_lib
 from stable_sam.atomic_write import write_bytes_atomic
-from stable_sam.config import Params
+from stable_sam.config import OcclusionConfig, Params
 from stable_sam.occlusion import OcclusionResult, synthesize_occlusion
 
 __all__ = ["SynthesizePaths", "main", "run"]
@@ -170,8 +170,181 @@ def _examples_figure(path: Path, examples: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+class _Synthesis:
+    """One pass over the training images: the occluded (or linked) outputs and their provenance."""
+
+    def __init__(
+        self, sources: list[_Source], *, cfg: OcclusionConfig, raw: Path, work: Path, instances: bool
+    ):
+        self.sources, self.cfg, self.raw, self.work, self.instances = sources, cfg, raw, work, instances
+        self.bad: dict[int, str] = {}
+        self.skipped: list[dict[str, str]] = []
+        self.entries: list[dict[str, Any]] = []
+        self.examples: list[dict[str, Any]] = []
+        self.fallback_examples: list[dict[str, Any]] = []
+        self.totals = dict.fromkeys(
+            ("occluded", "unchanged", "placement_failed", "occluder_unusable", "dropped_objects"), 0
+        )
+        self.visible: list[float] = []
+
+    def rel(self, path: Path | None) -> str | None:
+        return portable_path(path, self.raw) if path is not None else None
+
+    def load(self, index: int) -> data_lib.Sample | None:
+        """The sample of ``sources[index]``, or None (recorded once as skipped) when it is unusable."""
+        if index in self.bad:
+            return None
+        source = self.sources[index]
+        try:
+            return data_lib.load_sample(source.pair)
+        except data_lib.BadSampleError as err:
+            self.bad[index] = str(err)
+            logger.warning("skipping %s: %s", source.pair.image_path, err)
+            self.skipped.append(
+                {
+                    "path": portable_path(source.pair.image_path, self.raw),
+                    "reason": str(err),
+                    "dataset": source.dataset,
+                }
+            )
+            return None
+
+    def add(self, index: int, sample: data_lib.Sample, copy: int) -> None:
+        """Output ``copy`` of image ``index``: occluded with probability ``cfg.probability``, else linked."""
+        source, cfg = self.sources[index], self.cfg
+        name = source.out_name if cfg.copies == 1 else f"{source.out_name}__c{copy}"
+        generator = np.random.default_rng(np.random.SeedSequence([cfg.seed, index, copy]))
+        entry: dict[str, Any] = {
+            "name": name,
+            "source": f"{source.dataset}:{source.pair.name}",
+            "source_image": self.rel(source.pair.image_path),
+            "occluded": False,
+        }
+        if len(self.sources) > 1 and generator.random() < cfg.probability:
+            self._occlude(index, sample, name, entry, generator)
+        else:
+            entry["reason"] = "not drawn"
+        if not entry["occluded"]:
+            _link(source.pair.image_path, self.work / "im" / f"{name}.jpg")
+            _link(source.pair.mask_path, self.work / "gt" / f"{name}.png")
+            if self.instances:
+                _link(source.pair.instances_path, self.work / "instances" / f"{name}.png")
+            self.totals["unchanged"] += 1
+        self.entries.append(entry)
+
+    def _occlude(
+        self,
+        index: int,
+        sample: data_lib.Sample,
+        name: str,
+        entry: dict[str, Any],
+        generator: np.random.Generator,
+    ) -> None:
+        other = int(generator.integers(len(self.sources) - 1))
+        other += other >= index  # another image, never the same one
+        occluder = self.load(other)
+        if occluder is None:
+            entry["reason"] = "occluder image unusable"
+            self.totals["occluder_unusable"] += 1
+            return
+        occ_mask, occ_id = _occluder_object(occluder, generator)
+        masks, object_ids, target = _objects(sample)
+        result = synthesize_occlusion(
+            sample.image, masks, occluder.image, occ_mask, target=target, generator=generator, config=self.cfg
+        )
+        entry["occluder"] = {
+            "source": f"{self.sources[other].dataset}:{self.sources[other].pair.name}",
+            "image": self.rel(self.sources[other].pair.image_path),
+            "instance": occ_id,
+        }
+        if result is None:
+            entry["reason"] = "no placement keeps the target visible"
+            self.totals["placement_failed"] += 1
+            return
+        _write_occluded(self.work, name, result, self.instances)
+        entry.update(
+            occluded=True,
+            placement=result.placement.to_dict(),
+            visible_fraction=round(result.visible_fraction, 5),
+            dropped_objects=[object_ids[i] for i in result.dropped],  # ids of the source instance map
+        )
+        self.totals["occluded"] += 1
+        self.totals["dropped_objects"] += len(result.dropped)
+        self.visible.append(result.visible_fraction)
+        # The figure shows clearly visible occlusions first (tiny ones as a fallback).
+        pool = self.examples if result.visible_fraction < 0.95 else self.fallback_examples
+        if len(pool) < self.cfg.num_examples:
+            pool.append(
+                {
+                    "name": name,
+                    "before": sample.image,
+                    "before_mask": sample.mask,
+                    "occluder_image": occluder.image,
+                    "occluder_mask": occ_mask,
+                    "after": result.image,
+                    "after_mask": result.masks[result.target],
+                    "pasted": result.occluder_mask,
+                    "visible": result.visible_fraction,
+                }
+            )
+
+
+def _sources(
+    params: Params, raw_dir: Path
+) -> tuple[list[_Source], list[dict[str, str]], list[dict[str, Any]]]:
+    """The training images of ``data.train`` (with output names), what was skipped, per-set counts."""
+    raw = read_raw_manifest(raw_dir)
+    sources: list[_Source] = []
+    skipped: list[dict[str, str]] = []
+    source_info = []
+    multi = len(params.data.train) > 1
+    for name in params.data.train:
+        folder = raw.open_dataset(name, split="train", validate="header")
+        skipped.extend(
+            {"path": portable_path(Path(s.path), raw_dir), "reason": s.reason, "dataset": name}
+            for s in folder.skipped
+        )
+        source_info.append({"name": name, "split": "train", "pairs": len(folder)})
+        sources.extend(_Source(name, p, _output_name(name, p.name, multi)) for p in folder.pairs)
+    names = [s.out_name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError("training images with the same output name; give the datasets distinct folder names")
+    return sources, skipped, source_info
+
+
+def _manifest(
+    params: Params, raw_dir: Path, job: _Synthesis, source_info: list[dict[str, Any]]
+) -> dict[str, Any]:
+    config = dataclasses.asdict(params.occlusion)
+    raw_digest = hashlib.sha256((raw_dir / RAW_MANIFEST_NAME).read_bytes()).hexdigest()
+    identity = json.dumps(
+        {"config": config, "train": list(params.data.train), "raw": raw_digest, "outputs": job.entries},
+        sort_keys=True,
+    )
+    return {
+        "format": 1,
+        # Names this exact dataset: config + sources + every output's provenance.
+        "dataset_id": hashlib.sha256(identity.encode()).hexdigest()[:16],
+        "seed": params.occlusion.seed,
+        "config": config,
+        "train": list(params.data.train),
+        "sources": source_info,
+        "raw_manifest_sha256": raw_digest,
+        "layout": {"im": ".jpg", "gt": ".png", "instances": ".png" if job.instances else None},
+        "totals": {
+            "source_images": len(job.sources),
+            "outputs": len(job.entries),
+            **job.totals,
+            "skipped": len(job.skipped),
+            "mean_visible_fraction": round(float(np.mean(job.visible)), 5) if job.visible else None,
+        },
+        "skipped": job.skipped,
+        "outputs": job.entries,
+    }
+
+
 def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
-    """Build the occlusion-augmented training set into ``paths.out``.
+    """Build the occlusion-augmented training set into ``paths.out`` (written aside, then renamed).
 
     Args:
       params: the full params (sections ``data`` for the training set names and ``occlusion``).
@@ -182,32 +355,7 @@ def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
     """
     start = time.perf_counter()
     cfg = params.occlusion
-    if not 0.0 <= cfg.probability <= 1.0:
-        raise ValueError(f"occlusion.probability must be in [0, 1], got {cfg.probability}")
-    if cfg.copies < 1:
-        raise ValueError(f"occlusion.copies must be >= 1, got {cfg.copies}")
-    if not 0 < cfg.occluder_min_scale <= cfg.occluder_max_scale:
-        raise ValueError(
-            f"need 0 < occlusion.occluder_min_scale <= occluder_max_scale, got "
-            f"{cfg.occluder_min_scale}, {cfg.occluder_max_scale}"
-        )
-    raw = read_raw_manifest(paths.raw)
-
-    sources: list[_Source] = []
-    skipped: list[dict[str, str]] = []
-    source_info = []
-    multi = len(params.data.train) > 1
-    for name in params.data.train:
-        folder = raw.open_dataset(name, split="train", validate="header")
-        skipped.extend(
-            {"path": portable_path(Path(s.path), paths.raw), "reason": s.reason, "dataset": name}
-            for s in folder.skipped
-        )
-        source_info.append({"name": name, "split": "train", "pairs": len(folder)})
-        sources.extend(_Source(name, p, _output_name(name, p.name, multi)) for p in folder.pairs)
-    names = [s.out_name for s in sources]
-    if len(set(names)) != len(names):
-        raise ValueError("training images with the same output name; give the datasets distinct folder names")
+    sources, skipped, source_info = _sources(params, paths.raw)
     with_instances = all(s.pair.instances_path is not None for s in sources)
 
     out = Path(paths.out)
@@ -218,154 +366,22 @@ def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
     work.mkdir()  # (not mkdtemp: its 0700 mode would end up on the dataset folder)
     for sub in ("im", "gt", *(("instances",) if with_instances else ())):
         (work / sub).mkdir()
-
-    bad: dict[int, str] = {}
-
-    def load(index: int) -> data_lib.Sample | None:
-        if index in bad:
-            return None
-        try:
-            return data_lib.load_sample(sources[index].pair)
-        except data_lib.BadSampleError as err:
-            bad[index] = str(err)
-            logger.warning("skipping %s: %s", sources[index].pair.image_path, err)
-            skipped.append(
-                {
-                    "path": portable_path(sources[index].pair.image_path, paths.raw),
-                    "reason": str(err),
-                    "dataset": sources[index].dataset,
-                }
-            )
-            return None
-
-    def rel(path: Path | None) -> str | None:
-        return portable_path(path, paths.raw) if path is not None else None
-
-    entries: list[dict[str, Any]] = []
-    examples: list[dict[str, Any]] = []
-    fallback_examples: list[dict[str, Any]] = []
-    totals = {
-        "occluded": 0,
-        "unchanged": 0,
-        "placement_failed": 0,
-        "occluder_unusable": 0,
-        "dropped_objects": 0,
-    }
-    visible: list[float] = []
+    job = _Synthesis(sources, cfg=cfg, raw=paths.raw, work=work, instances=with_instances)
+    job.skipped.extend(skipped)
     try:
-        for index, source in enumerate(tqdm(sources, desc="occlusion", unit="img", mininterval=10)):
-            sample = load(index)
+        for index, _ in enumerate(tqdm(sources, desc="occlusion", unit="img", mininterval=10)):
+            sample = job.load(index)
             if sample is None:
                 continue
             for copy in range(cfg.copies):
-                name = source.out_name if cfg.copies == 1 else f"{source.out_name}__c{copy}"
-                generator = np.random.default_rng(np.random.SeedSequence([cfg.seed, index, copy]))
-                entry: dict[str, Any] = {
-                    "name": name,
-                    "source": f"{source.dataset}:{source.pair.name}",
-                    "source_image": rel(source.pair.image_path),
-                    "occluded": False,
-                }
-                result = None
-                if len(sources) > 1 and generator.random() < cfg.probability:
-                    other = int(generator.integers(len(sources) - 1))
-                    other += other >= index  # another image, never the same one
-                    occluder = load(other)
-                    if occluder is None:
-                        entry["reason"] = "occluder image unusable"
-                        totals["occluder_unusable"] += 1
-                    else:
-                        occ_mask, occ_id = _occluder_object(occluder, generator)
-                        masks, object_ids, target = _objects(sample)
-                        result = synthesize_occlusion(
-                            sample.image,
-                            masks,
-                            occluder.image,
-                            occ_mask,
-                            target=target,
-                            generator=generator,
-                            config=cfg,
-                        )
-                        entry["occluder"] = {
-                            "source": f"{sources[other].dataset}:{sources[other].pair.name}",
-                            "image": rel(sources[other].pair.image_path),
-                            "instance": occ_id,
-                        }
-                        if result is None:
-                            entry["reason"] = "no placement keeps the target visible"
-                            totals["placement_failed"] += 1
-                else:
-                    entry["reason"] = "not drawn"
-                if result is not None:
-                    # Dropped objects as ids of the source instance map.
-                    dropped_ids = [object_ids[i] for i in result.dropped]
-                    _write_occluded(work, name, result, with_instances)
-                    entry.update(
-                        occluded=True,
-                        placement=result.placement.to_dict(),
-                        visible_fraction=round(result.visible_fraction, 5),
-                        dropped_objects=dropped_ids,
-                    )
-                    totals["occluded"] += 1
-                    totals["dropped_objects"] += len(result.dropped)
-                    visible.append(result.visible_fraction)
-                    # The figure shows clearly visible occlusions first (tiny ones as a fallback).
-                    pool = examples if result.visible_fraction < 0.95 else fallback_examples
-                    if len(pool) < cfg.num_examples:
-                        pool.append(
-                            {
-                                "name": name,
-                                "before": sample.image,
-                                "before_mask": sample.mask,
-                                "occluder_image": occluder.image,
-                                "occluder_mask": occ_mask,
-                                "after": result.image,
-                                "after_mask": result.masks[result.target],
-                                "pasted": result.occluder_mask,
-                                "visible": result.visible_fraction,
-                            }
-                        )
-                else:
-                    _link(source.pair.image_path, work / "im" / f"{name}.jpg")
-                    _link(source.pair.mask_path, work / "gt" / f"{name}.png")
-                    if with_instances:
-                        _link(source.pair.instances_path, work / "instances" / f"{name}.png")
-                    totals["unchanged"] += 1
-                entries.append(entry)
-        if not entries:
+                job.add(index, sample, copy)
+        if not job.entries:
             raise data_lib.DatasetError(f"no usable training image in {params.data.train}")
-
-        config = dataclasses.asdict(cfg)
-        raw_manifest = paths.raw / RAW_MANIFEST_NAME
-        raw_digest = hashlib.sha256(raw_manifest.read_bytes()).hexdigest()
-        identity = json.dumps(
-            {"config": config, "train": list(params.data.train), "raw": raw_digest, "outputs": entries},
-            sort_keys=True,
-        )
-        manifest = {
-            "format": 1,
-            # Names this exact dataset: config + sources + every output's provenance.
-            "dataset_id": hashlib.sha256(identity.encode()).hexdigest()[:16],
-            "seed": cfg.seed,
-            "config": config,
-            "train": list(params.data.train),
-            "sources": source_info,
-            "raw_manifest_sha256": raw_digest,
-            "layout": {"im": ".jpg", "gt": ".png", "instances": ".png" if with_instances else None},
-            "totals": {
-                "source_images": len(sources),
-                "outputs": len(entries),
-                **totals,
-                "skipped": len(skipped),
-                "mean_visible_fraction": round(float(np.mean(visible)), 5) if visible else None,
-            },
-            "skipped": skipped,
-            "outputs": entries,
-        }
+        manifest = _manifest(params, paths.raw, job, source_info)
         _atomic_bytes(
             work / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
         )
-        _examples_figure(work / "examples.png", (examples + fallback_examples)[: cfg.num_examples])
+        _examples_figure(work / "examples.png", (job.examples + job.fallback_examples)[: cfg.num_examples])
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
@@ -375,24 +391,20 @@ def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
 
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     seconds = time.perf_counter() - start
+    totals = job.totals
     logger.info(
         "occlusion: %d outputs (%d occluded) from %d images, %.1f s, %.2f MB in %s",
-        len(entries),
-        totals["occluded"],
-        len(sources),
-        seconds,
-        size / 1e6,
-        out,
-    )
+        len(job.entries), totals["occluded"], len(sources), seconds, size / 1e6, out,
+    )  # fmt: skip
     return {
         "source_images": float(len(sources)),
-        "outputs": float(len(entries)),
+        "outputs": float(len(job.entries)),
         "occluded": float(totals["occluded"]),
         "unchanged": float(totals["unchanged"]),
         "placement_failed": float(totals["placement_failed"]),
         "dropped_objects": float(totals["dropped_objects"]),
-        "skipped": float(len(skipped)),
-        "mean_visible_fraction": float(np.mean(visible)) if visible else 0.0,
+        "skipped": float(len(job.skipped)),
+        "mean_visible_fraction": float(np.mean(job.visible)) if job.visible else 0.0,
         "seconds": round(seconds, 3),
         "mb": round(size / 1e6, 3),
     }

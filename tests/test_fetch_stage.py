@@ -16,7 +16,7 @@ from test_download import FileServer
 from pipeline import raw_data
 from pipeline.fetch import FetchError, FetchPaths, main, run
 from pipeline.raw_data import RawDataError, load_file_manifest, read_raw_manifest
-from stable_sam.config import EmbeddedConfig, FetchConfig, Params
+from stable_sam.config import ConfigError, EmbeddedConfig, FetchConfig, Params, check_config
 
 
 def _params(**fetch) -> Params:
@@ -227,8 +227,9 @@ def test_local_source_uses_files_in_place(tmp_path, files):
 
 
 def test_bad_params_are_clear_errors(tmp_path):
-    with pytest.raises(FetchError, match=r"fetch\.source must be one of"):
-        run(_params(source="ftp"), FetchPaths(tmp_path))
+    # Choices are validated once, where params are loaded (stable_sam.config.check_config).
+    with pytest.raises(ConfigError, match=r"fetch\.source = 'ftp': must be one of"):
+        check_config(_params(source="ftp"))
     with pytest.raises(FetchError, match="unknown item 'sam_vit_x'"):
         run(_params(source="remote", items=["sam_vit_x"]), FetchPaths(tmp_path))
     with pytest.raises(FetchError, match=r"needs fetch\.local_root"):

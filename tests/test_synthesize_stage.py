@@ -14,7 +14,15 @@ from pipeline.fetch import FetchPaths
 from pipeline.fetch import run as fetch
 from pipeline.raw_data import write_raw_manifest
 from pipeline.synthesize import SynthesizePaths, main, run
-from stable_sam.config import DataConfig, EmbeddedConfig, FetchConfig, OcclusionConfig, Params
+from stable_sam.config import (
+    ConfigError,
+    DataConfig,
+    EmbeddedConfig,
+    FetchConfig,
+    OcclusionConfig,
+    Params,
+    check_config,
+)
 
 
 def _params(**occlusion) -> Params:
@@ -125,8 +133,9 @@ def test_bad_files_are_skipped_and_recorded(tmp_path):
 def test_missing_raw_manifest_and_bad_config(tmp_path):
     with pytest.raises(Exception, match="run the fetch stage"):
         run(_params(), SynthesizePaths(tmp_path / "nothing", tmp_path / "out"))
-    with pytest.raises(ValueError, match="probability"):
-        run(_params(probability=1.5), SynthesizePaths(tmp_path, tmp_path / "out"))
+    # Validated once, where params are loaded (stable_sam.config.check_config).
+    with pytest.raises(ConfigError, match=r"occlusion\.probability = 1\.5"):
+        check_config(_params(probability=1.5))
 
 
 def test_main_runs_offline_without_tracking(raw, tmp_path):
