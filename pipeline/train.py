@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,13 @@ from stable_sam.config import Params, config_from_dict, config_to_dict
 from stable_sam.data import open_dataset
 from stable_sam.training import (
     AugmentedPromptDataset,
+    LoopConfig,
     ShardedBatchSampler,
+    TrainingBatch,
     collate_training,
     robust_prompt_sampler,
     supervised_step,
+    train_loop,
 )
 
 from .params import load_params, stage_argument_parser
@@ -71,8 +73,6 @@ logger = logging.getLogger("pipeline.train")
 
 STATE_FILE = "state.pt"
 TRAIN_STATE_KEYS = ("trainable", "optimizer", "step", "history")
-# Fault injection for tests: "<step>:<marker file>" makes one worker die once at that step.
-FAIL_ONCE_ENV = "STABLE_SAM_FAIL_ONCE_AT_STEP"
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,6 @@ def _open_training_set(spec: dict[str, str]):
     if spec["kind"] == "folder":
         return open_dataset(spec["path"], split="train")
     return read_raw_manifest(spec["raw_dir"]).open_dataset(spec["name"], split="train")
-
-
-def _maybe_fail(step: int) -> None:
-    value = os.environ.get(FAIL_ONCE_ENV)
-    if not value:
-        return
-    fail_step, marker = value.split(":", 1)
-    if step == int(fail_step) and not Path(marker).exists():
-        Path(marker).write_text(f"worker killed at step {step}\n")
-        os._exit(1)  # a hard crash, as an OOM kill or a lost node would be
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -169,14 +159,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dataset, batch_sampler=sampler, collate_fn=collate_training, num_workers=cfg.loader_workers
     )
     total = config["total_steps"]
-    started, seen = time.perf_counter(), 0
-    for step, batch in enumerate(loader, start=start_step):
-        _maybe_fail(step)
-        batch = batch.to(device)
+
+    def step_fn(batch: TrainingBatch, step: int) -> dict[str, torch.Tensor]:
         out = supervised_step(
             wrapped,
             model,
-            batch,
+            batch.to(device),
             seed=cfg.seed,
             step=step,
             rank=rank,
@@ -185,51 +173,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             importance_sample_ratio=cfg.importance_sample_ratio,
             encoder_batch_size=cfg.encoder_batch_size,
         )
-        optimizer.zero_grad(set_to_none=True)
-        out.losses["total"].backward()
-        optimizer.step()
-        seen += len(batch.names) * world
+        nan = torch.tensor(float("nan"), device=device)
+        return {**out.losses, "alpha1": out.routing[:, 0].mean() if out.routing is not None else nan}
+
+    def row_fn(terms: dict[str, torch.Tensor]) -> dict[str, float]:
         # Global means for the log (the gradients were already averaged by DDP).
-        alpha1 = (
-            out.routing[:, 0].mean() if out.routing is not None else torch.tensor(float("nan"), device=device)
-        )
-        logged = torch.stack([out.losses["bce"], out.losses["dice"], out.losses["total"], alpha1]).detach()
+        logged = torch.stack([terms["bce"], terms["dice"], terms["total"], terms["alpha1"]])
         if world > 1:
             dist.all_reduce(logged)
             logged /= world
-        bce, dice, loss, mean_alpha1 = (float(v) for v in logged)
-        row = {
-            "step": step + 1,
-            "loss": loss,
-            "bce": bce,
-            "dice": dice,
-            "alpha1": mean_alpha1,
-            "images_per_s": seen / (time.perf_counter() - started),
-        }
-        history.append(row)
-        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
-            logger.info(
-                "step %d/%d loss %.4f (bce %.4f dice %.4f) mean α1 %.3f %.1f img/s",
-                step + 1, total, loss, bce, dice, mean_alpha1, row["images_per_s"],
-            )  # fmt: skip
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-            with tempfile.TemporaryDirectory() as directory:
-                report_checkpoint = None
-                if rank == 0:
-                    state = {
-                        "trainable": model.trainable_state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "step": step + 1,
-                        "history": history,
-                        # All randomness derives from (seed, step): the step is the RNG state.
-                        "rng": {
-                            "seed": cfg.seed,
-                            "derivation": "numpy default_rng([seed, epoch, index]) per sample",
-                        },
-                    }
-                    torch.save(state, Path(directory) / STATE_FILE)
-                    report_checkpoint = Checkpoint.from_directory(directory)
-                ray.train.report(dict(row), checkpoint=report_checkpoint)
+        bce, dice, loss, alpha1 = (float(v) for v in logged)
+        return {"loss": loss, "bce": bce, "dice": dice, "alpha1": alpha1}
+
+    def save(step: int, history: list[dict[str, Any]]) -> None:
+        # Every worker reports (Ray Train requires it); rank 0 attaches the checkpoint.
+        with tempfile.TemporaryDirectory() as directory:
+            report_checkpoint = None
+            if rank == 0:
+                state = {
+                    "trainable": model.trainable_state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "history": history,
+                    # All randomness derives from (seed, step): the step is the RNG state.
+                    "rng": {
+                        "seed": cfg.seed,
+                        "derivation": "numpy default_rng([seed, epoch, index]) per sample",
+                    },
+                }
+                torch.save(state, Path(directory) / STATE_FILE)
+                report_checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report(dict(history[-1]), checkpoint=report_checkpoint)
+
+    loop = LoopConfig(
+        total_steps=total,
+        start_step=start_step,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_last=True,
+        log_every=cfg.log_every,
+        images_per_step=config["local_batch"] * world,
+        verbose=rank == 0,
+    )
+    train_loop(
+        loader,
+        step_fn=step_fn,
+        optimizer=optimizer,
+        config=loop,
+        history=history,
+        save=save,
+        row_fn=row_fn,
+        step_hook=config.get("step_hook"),
+    )
 
 
 def restore_training_state(
@@ -315,8 +309,14 @@ def _folder_digest(path: Path) -> str:
     return str(sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file()))
 
 
-def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, Any]:
-    """Train the plug-in with Ray Train; write the plug-in checkpoint, metrics and the curve."""
+def run(
+    params: Params, paths: TrainPaths, *, tracker: Any = None, step_hook: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Train the plug-in with Ray Train; write the plug-in checkpoint, metrics and the curve.
+
+    ``step_hook`` (picklable) is called on every worker before each step: tests inject a worker
+    crash through it; it could as well profile.
+    """
     source = read_sam_source(paths.base)
     spec, data_dir = _dataset_spec(params, paths)
     cfg, scaling = params.train, params.ray
@@ -381,6 +381,7 @@ def run(params: Params, paths: TrainPaths, *, tracker: Any = None) -> dict[str, 
             "total_steps": total_steps,
             "threads": max(1, int(scaling.cpus_per_worker)),
             "ray_run_dir": run_dir,
+            "step_hook": step_hook,
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from stable_sam.build import SMALL_SAM_SPECS, build_sam
 from stable_sam.checkpoint import atomic_torch_save, file_sha256
@@ -33,10 +32,13 @@ from stable_sam.data import open_dataset
 from stable_sam.modeling import StableSam
 from stable_sam.training import (
     AugmentedPromptDataset,
+    LoopConfig,
     ShardedBatchSampler,
+    TrainingBatch,
     collate_training,
     precise_prompt_sampler,
     sam_training_step,
+    train_loop,
 )
 
 from .params import load_params, stage_argument_parser
@@ -142,57 +144,36 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
         start_step=start_step,
     )
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_training)
-    started = time.perf_counter()
-    images_seen = 0
-    progress = tqdm(
-        total=cfg.steps,
-        initial=start_step,
-        desc="train_base",
-        unit="step",
-        mininterval=10.0,
-        dynamic_ncols=True,
-    )
-    step = start_step
-    for step, batch in enumerate(loader, start=start_step):
-        lr = scheduler.get_last_lr()[0]
-        terms = sam_training_step(
+
+    def step_fn(batch: TrainingBatch, step: int) -> dict[str, torch.Tensor]:
+        return sam_training_step(
             model, batch, correction_clicks=cfg.correction_clicks, iou_loss_weight=cfg.iou_loss_weight
         )
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        optimizer.step()
-        scheduler.step()
-        images_seen += len(batch.names)
-        terms = {k: v.detach() for k, v in terms.items()}
-        row = {"step": step + 1, "lr": lr, **{k: float(v) for k, v in terms.items()}}
-        row["images_per_s"] = images_seen / (time.perf_counter() - started)
-        history.append(row)
-        progress.update(1)
-        progress.set_postfix(
-            loss=f"{row['total']:.3f}",
-            iou_mse=f"{row['iou_mse']:.3f}",
-            img_s=f"{row['images_per_s']:.1f}",
-            refresh=False,
-        )
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            logger.info(
-                "step %d/%d loss %.4f (bce %.4f dice %.4f iou %.4f) lr %.2e %.1f img/s",
-                step + 1, cfg.steps, row["total"], row["bce"], row["dice"], row["iou_mse"], lr, row["images_per_s"],
-            )  # fmt: skip
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            atomic_torch_save(
-                {
-                    "sam": model.sam.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step + 1,
-                    "history": history,
-                },
-                resume_file,
-            )
-    progress.close()
-    if step + 1 < cfg.steps and start_step < cfg.steps:
-        raise RuntimeError(f"train_base stopped at step {step + 1} of {cfg.steps}")
+
+    def save(step: int, history: list[dict[str, Any]]) -> None:
+        state = {"sam": model.sam.state_dict(), "optimizer": optimizer.state_dict()}
+        state.update(scheduler=scheduler.state_dict(), step=step, history=history)
+        atomic_torch_save(state, resume_file)
+
+    started = time.perf_counter()
+    loop = LoopConfig(
+        total_steps=cfg.steps,
+        start_step=start_step,
+        checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every,
+        images_per_step=cfg.batch_size,
+        progress="train_base",
+    )
+    train_loop(
+        loader,
+        step_fn=step_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=loop,
+        history=history,
+        save=save,
+    )
+    images_seen = (cfg.steps - start_step) * cfg.batch_size
 
     checkpoint = paths.out / f"sam_{params.sam.type}.pth"
     atomic_torch_save(model.sam.state_dict(), checkpoint)

@@ -172,26 +172,39 @@ def state_tensors_equal(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Ten
 # One local Ray instance for the in-process training tests
 # --------------------------------------------------------------------------------------------
 
-# The fault-injection step of the worker-crash test (pipeline.train.FAIL_ONCE_ENV). Ray workers get
-# their environment when the instance starts, so the variable is set once for the whole session
-# and armed per test: the worker only dies while the marker file does not exist.
+# The worker-crash test's step: a hook passed to ``pipeline.train.run(step_hook=...)`` kills the
+# worker there, once (the marker file records it, so the restarted worker goes on).
 FAIL_STEP = 15
 
 
+class CrashOnce:
+    """Picklable step hook: the worker process dies at ``step`` (``os._exit``: a hard crash, as an
+    OOM kill or a lost node would be) unless ``marker`` exists; it writes the marker first."""
+
+    def __init__(self, step: int, marker: Path) -> None:
+        self.step, self.marker = step, marker
+
+    def __call__(self, step: int) -> None:
+        if step == self.step and not self.marker.exists():
+            self.marker.write_text(f"worker killed at step {step}\n")
+            os._exit(1)
+
+
 class LocalRay:
-    """The session's Ray instance: its private temp dir and the crash injection switch."""
+    """The session's Ray instance: its private temp dir, and worker-crash hooks."""
 
     def __init__(self, temp_dir: Path, marker: Path) -> None:
         self.temp_dir = temp_dir
         self.marker = marker
 
-    def arm_worker_crash(self) -> None:
-        """The next run that reaches step :data:`FAIL_STEP` loses a worker (once)."""
-        self.marker.unlink(missing_ok=True)
+    def crash_hook(self) -> CrashOnce:
+        """A step hook under which the run that reaches step :data:`FAIL_STEP` loses a worker (once)."""
+        import ray.cloudpickle
 
-    def disarm_worker_crash(self) -> None:
-        if not self.marker.exists():
-            self.marker.write_text("disarmed\n")
+        # By value: Ray's workers cannot import this test helper module by name.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        self.marker.unlink(missing_ok=True)
+        return CrashOnce(FAIL_STEP, self.marker)
 
     @property
     def worker_crashed(self) -> bool:
@@ -208,13 +221,10 @@ def local_ray_session(tmp_path_factory):
     global _LOCAL_RAY
     import ray
 
-    from pipeline.train import FAIL_ONCE_ENV
-
     if _LOCAL_RAY is not None and ray.is_initialized():
         yield _LOCAL_RAY
         return
     marker = tmp_path_factory.mktemp("fault-injection") / "worker_crash_marker"
-    marker.write_text("disarmed\n")
     # Short: Ray's unix socket paths live under it (108-byte limit).
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     ray.init(
@@ -223,7 +233,6 @@ def local_ray_session(tmp_path_factory):
         _temp_dir=str(temp_dir),
         dashboard_port=free_port(),
         log_to_driver=True,
-        runtime_env={"env_vars": {FAIL_ONCE_ENV: f"{FAIL_STEP}:{marker}"}},
     )
     _LOCAL_RAY = LocalRay(temp_dir, marker)
     try:

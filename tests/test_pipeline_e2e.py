@@ -150,7 +150,6 @@ def repo(tmp_path):
     # machine whose cores are busy with other work, two spinning OpenMP threads per process slow
     # training down by more than 10x (measured here: 0.3 instead of 30 images/s).
     env = subprocess_env(RAY_TMPDIR=str(ray_tmp), OMP_NUM_THREADS="1")
-    env.pop("STABLE_SAM_FAIL_ONCE_AT_STEP", None)
     repo = Repo(root, env)
     repo.run("git", "init", "-q", "-b", "main")
     # A local identity: `git commit` and the commits of `dvc exp run` need one.

@@ -327,12 +327,8 @@ def test_worker_crash_after_a_checkpoint_resumes_to_the_same_weights(
     paths = train_paths(tmp_path, occluded, base)
     params = tiny_params(*RESUME_OVERRIDES, f"ray.storage_path={tmp_path / 'ray'}")
     assert params.ray.max_failures >= 1
-    local_ray.arm_worker_crash()
-    try:
-        metrics = run(params, paths)
-    finally:
-        crashed = local_ray.worker_crashed
-        local_ray.disarm_worker_crash()
+    metrics = run(params, paths, step_hook=local_ray.crash_hook())
+    crashed = local_ray.worker_crashed
     assert crashed, f"no worker died at step {FAIL_STEP}: the fault injection did not reach the workers"
     assert metrics["steps"] == RESUME_STEPS
     resumed = [int(n) for n in RESUMED.findall(_read_until(capfd, RESUMED, timeout=20))]

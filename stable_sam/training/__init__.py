@@ -8,6 +8,7 @@ the step counter. :class:`ShardedBatchSampler` shards the same way across any nu
 """
 
 from .dataset import AugmentedPromptDataset, TrainingBatch, TrainingSample, collate_training
+from .loop import LoopConfig, train_loop
 from .prompt_sampling import (
     PromptSampler,
     jittered_box,
@@ -20,6 +21,7 @@ from .steps import StepOutput, correction_round, iou_head_targets, sam_training_
 
 __all__ = [
     "AugmentedPromptDataset",
+    "LoopConfig",
     "PromptSampler",
     "ShardedBatchSampler",
     "StepOutput",
@@ -34,4 +36,5 @@ __all__ = [
     "sam_training_step",
     "seeded_generator",
     "supervised_step",
+    "train_loop",
 ]
