@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stable_sam.checkpoint import SamCheckpointError
-
 from .build import SAM_TYPES, build_stable_sam
+from .checkpoint import SamCheckpointError, read_plugin_checkpoint
+from .config import config_to_dict
 from .embedding_cache import EmbeddingCache
 from .predictor import StableSamPredictor, clip_box
 
@@ -93,6 +93,15 @@ def _predict(args: argparse.Namespace) -> int:
             box = clip_box(np.asarray(args.box, dtype=np.float32), *image.shape[:2])
         except ValueError as err:
             raise SystemExit(f"error: --box: {err}") from None
+    if args.plugin and not args.sam_checkpoint:
+        try:
+            stored = read_plugin_checkpoint(args.plugin)
+        except SamCheckpointError as err:
+            raise SystemExit(f"error: {err}") from None
+        raise SystemExit(
+            f"error: --plugin {args.plugin} needs --sam-checkpoint: it was trained on a {stored.sam_type} SAM "
+            f"checkpoint with sha256 {stored.sam_checkpoint_sha256}; pass that file (and --sam-type {stored.sam_type})"
+        )
     try:
         model = build_stable_sam(
             sam_type=args.sam_type,
@@ -142,12 +151,34 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    model = build_stable_sam(sam_type=args.sam_type)
-    print(f"SAM type:            {args.sam_type}")
-    print(
-        f"SAM parameters:      {sum(p.numel() for p in model.sam.parameters() if not p.requires_grad):,} (frozen)"
-    )
+    """Describe a plug-in checkpoint (``--plugin``), or Stable-SAM with the given config on a SAM type."""
+    stored = None
+    if args.plugin:
+        try:
+            stored = read_plugin_checkpoint(args.plugin)
+        except SamCheckpointError as err:
+            raise SystemExit(f"error: {err}") from None
+        model = build_stable_sam(
+            sam_type=stored.sam_type, plugin_config=stored.plugin_config, tuning=stored.tuning
+        )
+        print(f"plug-in checkpoint:  {stored.path} (stable-sam {stored.package_version})")
+        print(f"trained on SAM:      {stored.sam_type}, checkpoint sha256 {stored.sam_checkpoint_sha256}")
+        for key, value in sorted(stored.extra.items()):
+            print(f"  {key}: {value}")
+    else:
+        model = build_stable_sam(sam_type=args.sam_type)
+        print(
+            f"SAM type:            {args.sam_type} (the method's default plug-in config; --plugin FILE for a trained one)"
+        )
+    print(f"plug-in config:      {json.dumps(config_to_dict(model.plugin_config), sort_keys=True)}")
+    frozen = sum(p.numel() for p in model.sam.parameters() if not p.requires_grad)
+    print(f"SAM parameters:      {frozen:,} (frozen)")
     print(f"trainable (plug-in): {model.num_trainable_parameters():,}")
+    if stored is not None and stored.num_parameters != model.num_trainable_parameters():
+        raise SystemExit(
+            f"error: {stored.path} stores {stored.num_parameters:,} parameters, its config builds "
+            f"{model.num_trainable_parameters():,}"
+        )
     for name in model.trainable_parameter_names():
         print(f"  {name}")
     return 0
@@ -192,8 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     predict.set_defaults(func=_predict)
-    info = sub.add_parser("info", help="print the trainable parameter count of Stable-SAM on a SAM type")
+    info = sub.add_parser(
+        "info", help="trainable parameters of Stable-SAM on a SAM type, or of a plug-in file"
+    )
     info.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
+    info.add_argument("--plugin", help="describe this plug-in checkpoint (its SAM type, config and counts)")
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -22,9 +22,9 @@ class StableSamPredictor:
     The API mirrors ``segment_anything.SamPredictor`` (``set_image``, ``set_torch_image``,
     ``predict``, ``predict_torch``, ``get_image_embedding``, ``reset_image``), plus:
 
-    - ``routing``: the routing weights (α1, α2) of the last prediction, one row per prompt
-      (None when the model has no plug-ins or they are disabled);
-    - ``offsets``: the DSP offsets of the last prediction (feature pixels);
+    - ``routing``: the routing weights (α1, α2) of the last prediction, a B x 2 numpy array, one
+      row per prompt (None when the model has no plug-ins or they are disabled);
+    - ``offsets``: the DSP offsets of the last prediction (feature pixels, numpy);
     - an embedding cache, so setting an image seen before never re-runs the encoder. It is
       bypassed (with a log line) when LoRA/adapters change the encoder.
 
@@ -210,8 +210,9 @@ class StableSamPredictor:
             point_coords=point_coords, point_labels=point_labels, boxes=boxes, mask_inputs=mask_input
         )
         out = self.model.decode(self.features, prompts, multimask_output=multimask_output)
-        self.routing = out.routing
-        self.offsets = out.offsets
+        # numpy, like everything else this predictor returns to a user (predict_torch's tensors aside)
+        self.routing = None if out.routing is None else out.routing.detach().cpu().numpy()
+        self.offsets = None if out.offsets is None else out.offsets.detach().cpu().numpy()
         masks = self.model.sam.postprocess_masks(out.low_res_logits, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.sam.mask_threshold
@@ -233,8 +234,8 @@ class StableSamPredictor:
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
-        self.routing: torch.Tensor | None = None
-        self.offsets: torch.Tensor | None = None
+        self.routing: np.ndarray | None = None
+        self.offsets: np.ndarray | None = None
 
     def _require_image(self) -> None:
         if not self.is_image_set:

@@ -6,6 +6,7 @@ Shared by tests/test_train_stage.py, tests/test_train_tracking.py and tests/test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,13 +18,13 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
+import psutil
 import torch
 from conftest import TEST_ENVIRONMENT
-from PIL import Image
 
 from pipeline.params import load_params
 from pipeline.sam_source import SamSource, write_sam_source
+from pipeline.sources import generate_split
 from pipeline.train import TrainPaths
 from stable_sam.checkpoint import file_sha256
 from stable_sam.config import Params
@@ -51,25 +52,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def write_hqseg_folder(root: Path, *, count: int = 24, size: int = 64, seed: int = 0) -> Path:
-    """``root/im/NAME.jpg`` + ``root/gt/NAME.png``: one bright ellipse or rectangle per noisy image."""
-    rng = np.random.default_rng(seed)
-    (root / "im").mkdir(parents=True, exist_ok=True)
-    (root / "gt").mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(count):
-        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
-        ry, rx = rng.integers(size // 8, size // 4, 2)
-        if i % 2:
-            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-        else:
-            mask = (abs(yy - cy) <= ry) & (abs(xx - cx) <= rx)
-        background = rng.integers(0, 256, 3)
-        colour = (background + 128) % 256
-        image = np.where(mask[..., None], colour, background) + rng.normal(0, 12, (size, size, 3))
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
-            root / "im" / f"s{i:03d}.jpg", quality=95
-        )
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "gt" / f"s{i:03d}.png")
+    """``count`` scenes of the project's own generator in the HQSeg layout (im/, gt/, instances/)."""
+    generate_split(root, num_images=count, image_size=size, generator_seed=seed, split="tiny")
     return root
 
 
@@ -247,66 +231,38 @@ def local_ray_session(tmp_path_factory):
 def pids_with_cmdline(fragment: str) -> list[int]:
     """PIDs of this user's processes whose command line contains ``fragment`` (e.g. a private
     Ray temp dir), this process excluded."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    me, found = psutil.Process(), []
+    for proc in psutil.process_iter(["pid", "uids", "cmdline"]):
+        info = proc.info
+        if info["pid"] == me.pid or info["uids"] is None or info["uids"].real != me.uids().real:
             continue
-        try:
-            if entry.stat().st_uid != os.getuid():
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fragment in cmdline:
-            found.append(int(entry.name))
+        if fragment in " ".join(info["cmdline"] or ()):
+            found.append(info["pid"])
     return found
 
 
 def kill_pids(pids: Sequence[int], *, timeout: float = 15.0) -> None:
     """SIGTERM, then SIGKILL what is still alive after ``timeout``."""
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(pid))
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while alive and time.monotonic() < deadline:
-            alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]
-            time.sleep(0.2)
-        if not alive:
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
+        _, procs = psutil.wait_procs(procs, timeout=timeout)
+        procs = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not procs:
             return
-        pids = alive
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
 
 
 def descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (children first), from the ppid links in /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    """All live descendants of ``pid``."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def stop_process_tree(
@@ -321,9 +277,6 @@ def stop_process_tree(
     if proc.poll() is None:
         kill_process_group(proc, sig=sig)
     else:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    pids.update(p for p in descendants(proc.pid))
     kill_pids(sorted(pids - {os.getpid()}))

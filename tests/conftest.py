@@ -10,14 +10,13 @@ import os
 # Offline, quiet, Ray Train's result polling fast enough for per-checkpoint reports. Every Ray a
 # test starts (ray.init, `ray start --head`) is on loopback only (Ray's single-machine mode), so
 # token auth stays off for it. Also given to every subprocess the slow tests start.
+from pipeline import OFFLINE_ENVIRONMENT
+from pipeline.ray_runtime import LOCAL_AUTH_ENVIRONMENT, LOOPBACK_ENVIRONMENT
+
 TEST_ENVIRONMENT = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "ITERATIVE_DO_NOT_TRACK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    **OFFLINE_ENVIRONMENT,
+    **LOCAL_AUTH_ENVIRONMENT,
+    **LOOPBACK_ENVIRONMENT,
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "TQDM_DISABLE": "1",

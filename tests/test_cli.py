@@ -153,3 +153,27 @@ def test_an_oversized_image_is_a_clear_error_naming_the_file_and_the_limit(files
 def test_info_prints_the_parameter_count(capsys):
     assert main(["info", "--sam-type", "tiny"]) == 0
     assert "trainable (plug-in): 3,204" in capsys.readouterr().out
+
+
+def test_info_describes_a_plugin_file_with_its_own_config(files, capsys):
+    from stable_sam import PluginConfig, build_stable_sam
+
+    config = PluginConfig(placements=("block1", "block2", "final"))
+    plugged = build_stable_sam(sam_type="tiny", sam_checkpoint=files / "sam_tiny.pth", plugin_config=config)
+    save_plugin_checkpoint(plugged, files / "three.pt", extra={"steps": 7})
+    assert main(["info", "--sam-type", "tiny"]) == 0
+    default = capsys.readouterr().out
+    assert main(["info", "--plugin", str(files / "three.pt")]) == 0
+    described = capsys.readouterr().out
+    count = f"trainable (plug-in): {plugged.num_trainable_parameters():,}"
+    assert count in described and count not in default  # three placements, not the default one
+    assert "steps: 7" in described and plugged.sam_checkpoint_sha256 in described
+
+
+def test_a_plugin_without_its_sam_checkpoint_names_the_checkpoint_it_needs(files):
+    from stable_sam.checkpoint import read_plugin_checkpoint
+
+    expected = read_plugin_checkpoint(files / "plugin.pt").sam_checkpoint_sha256
+    with pytest.raises(SystemExit, match=f"needs --sam-checkpoint.*sha256 {expected}"):
+        main(["predict", str(files / "cat.jpg"), "--box", "5,4,40,30", "--sam-type", "tiny",
+              "--plugin", str(files / "plugin.pt")])  # fmt: skip

@@ -92,8 +92,9 @@ def test_routing_of_last_call_is_exposed():
     predictor = StableSamPredictor(model)
     predictor.set_image(_image())
     predictor.predict(box=np.array([5.0, 4.0, 40.0, 30.0]), multimask_output=False)
-    assert predictor.routing.shape == (1, 2)
-    torch.testing.assert_close(predictor.routing.sum(-1), torch.ones(1))
+    assert isinstance(predictor.routing, np.ndarray) and predictor.routing.shape == (1, 2)
+    np.testing.assert_allclose(predictor.routing.sum(-1), np.ones(1), rtol=1e-6)
+    assert isinstance(predictor.offsets, np.ndarray)
     assert predictor.offsets.shape == (1, 1, 8, 8, 2)
     with model.plugins_disabled():
         predictor.predict(box=np.array([5.0, 4.0, 40.0, 30.0]))
