@@ -1,4 +1,6 @@
-""":func:`safe_extract` refuses, before writing anything, every zip/tar member that is absolute,
+"""Safe archive extraction: zip and tar members stay inside the target folder.
+
+:func:`safe_extract` refuses, before writing anything, every zip/tar member that is absolute,
 climbs out with ``..``, is a link (symbolic or hard) or a device, and extracts into a temporary
 sibling folder that is renamed into place only when complete.
 """

@@ -1,5 +1,4 @@
-"""Streaming downloads with resume and hash verification, and archive extraction that stays inside
-its target folder.
+"""Streaming downloads with resume and hash verification.
 
 Pure library code: no DVC, no MLflow. ``pipeline.fetch`` decides *what* to fetch; this module
 only knows how to get one URL onto disk safely:

@@ -1,4 +1,6 @@
-"""The evaluation prompt protocol: prepared images, cached embeddings, prompts per kind and draw,\ndecoding with SAM and Stable-SAM, per-prompt records."""
+"""The evaluation prompt protocol: prepared images, cached embeddings, prompts per kind and draw,
+decoding with SAM and Stable-SAM, per-prompt records.
+"""
 
 from __future__ import annotations
 
