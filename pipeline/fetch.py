@@ -43,7 +43,7 @@ from typing import Any
 
 import requests
 
-from pipeline.params import load_params, stage_argument_parser
+from pipeline.params import FETCH_SOURCES, FETCH_VALIDATIONS, Params, load_params
 from pipeline.raw_data import (
     FileItem,
     FileManifest,
@@ -54,15 +54,14 @@ from pipeline.raw_data import (
     write_raw_manifest,
 )
 from pipeline.sources import DownloadError, download_file, generate_split, safe_extract
+from pipeline.stage_cli import stage_argument_parser
 from stable_sam import data as data_lib
 from stable_sam.checkpoint import file_sha256
-from stable_sam.config import Params
 
 __all__ = ["FetchError", "FetchPaths", "main", "run"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("embedded", "remote", "local")
 _MARKER = ".fetch-complete.json"
 
 
@@ -148,8 +147,8 @@ def _record_skipped(
 
 def _validate_mode(params: Params) -> str:
     mode = params.fetch.validate
-    if mode not in ("full", "header"):
-        raise FetchError(f"fetch.validate must be 'full' or 'header', got {mode!r}")
+    if mode not in FETCH_VALIDATIONS:
+        raise FetchError(f"fetch.validate must be one of {FETCH_VALIDATIONS}, got {mode!r}")
     return mode
 
 
@@ -359,8 +358,8 @@ def run(
     """
     start = time.perf_counter()
     cfg = params.fetch
-    if cfg.source not in _SOURCES:
-        raise FetchError(f"fetch.source must be one of {_SOURCES}, got {cfg.source!r}")
+    if cfg.source not in FETCH_SOURCES:
+        raise FetchError(f"fetch.source must be one of {FETCH_SOURCES}, got {cfg.source!r}")
     out = Path(paths.out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
