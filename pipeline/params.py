@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -352,7 +352,7 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[Override] 
         layers.append((where, tuple(_leaf_keys(OmegaConf.to_container(layer)))))
     params = _checked(merged, str(path), layers)
     for name, changes in params.ablate.variants.items():
-        where = f"{path}: ablate.variants.{name}"
+        where = f"{_source(layers, [f'ablate.variants.{name}'], str(path))}: ablate.variants.{name}"
         _checked(_merge(merged, _nested(changes, where), where), where, [])
     return params
 
@@ -425,16 +425,17 @@ def _checked(merged: DictConfig, where: str, layers: Sequence[tuple[str, tuple[s
     try:
         check_config(params)
     except ConfigError as err:
-        source = next(
-            (
-                layer
-                for layer, keys in reversed(layers)
-                if any(_related(a, b) for a in err.values for b in keys)
-            ),
-            where,
-        )
-        raise ParamsError(f"{source}: {err}") from None
+        raise ParamsError(f"{_source(layers, err.values, where)}: {err}") from None
     return params
+
+
+def _source(layers: Sequence[tuple[str, tuple[str, ...]]], keys: Iterable[str], default: str) -> str:
+    """The last layer that set one of ``keys`` (or a section or sub-key of one), else ``default``."""
+    keys = list(keys)
+    return next(
+        (where for where, set_ in reversed(layers) if any(_related(a, b) for a in keys for b in set_)),
+        default,
+    )
 
 
 def _related(a: str, b: str) -> bool:

@@ -88,3 +88,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def repo_params(**sections):
+    """The committed params.yaml, with fields of its sections replaced: ``repo_params(eval={"draws": 3})``.
+
+    The pipeline's sections have no defaults of their own (params.yaml is their one home), so a
+    test starts from the file. The changes are not checked, as if the dataclasses were built by
+    hand (a test of a stage's own checks passes values the params loader would refuse).
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from pipeline.params import load_params
+
+    params = load_params(Path(__file__).resolve().parent.parent / "params.yaml")
+    for name, changes in sections.items():
+        setattr(params, name, dataclasses.replace(getattr(params, name), **changes))
+    return params

@@ -10,19 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import repo_params
 from PIL import Image
 from test_download import FileServer
 
 from pipeline import raw_data
 from pipeline.fetch import FetchError, FetchPaths, main, run
+from pipeline.params import Params
 from pipeline.raw_data import RawDataError, load_file_manifest, read_raw_manifest
-from stable_sam.config import EmbeddedConfig, FetchConfig, Params
 
 
 def _params(**fetch) -> Params:
-    return Params(
-        fetch=FetchConfig(**fetch),
-        embedded=EmbeddedConfig(num_train=6, num_val=3, image_size=48, min_objects=2, max_objects=3, seed=1),
+    return repo_params(
+        fetch=fetch,
+        embedded=dict(num_train=6, num_val=3, image_size=48, min_objects=2, max_objects=3, seed=1),
     )
 
 
