@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import repo_params
+from conftest import PARAMS_FILE, repo_params
 from PIL import Image
 from test_download import FileServer
 
@@ -296,11 +296,22 @@ def test_repository_file_manifest_matches_the_published_values():
 
 
 def test_main_runs_offline_without_tracking(tmp_path):
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(
         "tracking:\n  enabled: false\nembedded:\n  num_train: 2\n  num_val: 1\n  image_size: 32\n"
     )
-    main(["--params", str(params_file), "--out", str(tmp_path / "raw"), "--set", "embedded.seed=5"])
+    main(
+        [
+            "--params",
+            str(PARAMS_FILE),
+            "--overlay",
+            str(overlay),
+            "--out",
+            str(tmp_path / "raw"),
+            "--set",
+            "embedded.seed=5",
+        ]
+    )
     manifest = raw_data.read_raw_manifest(tmp_path / "raw")
     assert manifest.content["seeds"]["embedded"] == 5
 

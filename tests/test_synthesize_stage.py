@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import repo_params
+from conftest import PARAMS_FILE, repo_params
 from PIL import Image
 
 from pipeline.fetch import FetchPaths
@@ -131,12 +131,14 @@ def test_missing_raw_manifest_and_bad_config(tmp_path):
 
 
 def test_main_runs_offline_without_tracking(raw, tmp_path):
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text("tracking:\n  enabled: false\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("tracking:\n  enabled: false\n")
     main(
         [
             "--params",
-            str(params_file),
+            str(PARAMS_FILE),
+            "--overlay",
+            str(overlay),
             "--raw",
             str(raw),
             "--out",
