@@ -40,17 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stable_sam.config import Params
 from stable_sam.embedding_cache import ReadOnlyEmbeddingCache
 from stable_sam.evaluation import summarize
 
 from .embed import hq_chunks, hq_sets, set_threads
 from .evaluate import BASELINE, MODEL, ModelPass, embed_pass, evaluate_pass, model_passes
-from .params import load_params, stage_argument_parser
+from .params import Params, load_params
 from .raw_data import read_raw_manifest
 from .readme_table import write_text_atomic
 from .report import alpha1_markdown, looseness_markdown, points_markdown, variants_markdown
 from .sam_source import write_json_atomic
+from .stage_cli import stage_argument_parser
 
 __all__ = ["SWEEPS", "SweepPaths", "VariantsPaths", "main", "run", "summarize_variants"]
 

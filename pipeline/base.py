@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stable_sam.build import OFFICIAL_SAM_TYPES, build_sam
-from stable_sam.config import Params
 
-from .params import load_params, stage_argument_parser
+from .params import Params, load_params
 from .raw_data import read_raw_manifest
 from .run_state import repo_root
 from .sam_source import SamSource, write_sam_source
+from .stage_cli import stage_argument_parser
 
 __all__ = ["BaseCheckpointError", "BasePaths", "main", "resolve_base", "run"]
 

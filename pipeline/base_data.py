@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.sources import generate_split
-from stable_sam.config import Params
 
-from .params import load_params, stage_argument_parser
+from .params import Params, load_params
 from .sam_source import write_json_atomic
+from .stage_cli import stage_argument_parser
 
 __all__ = ["main", "run"]
 

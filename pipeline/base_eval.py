@@ -23,13 +23,14 @@ import torch
 
 from pipeline.sources import CATEGORIES, target_families
 from stable_sam.build import build_sam
-from stable_sam.config import Params, PluginConfig
+from stable_sam.config import PluginConfig
 from stable_sam.data import open_dataset
 from stable_sam.evaluation import embed_images, evaluate_prompts, prepare_image, summarize
 from stable_sam.modeling import StableSam
 
-from .params import load_params, stage_argument_parser
+from .params import Params, load_params
 from .sam_source import write_json_atomic
+from .stage_cli import stage_argument_parser
 
 __all__ = ["evaluate_base", "main"]
 

@@ -28,14 +28,15 @@ import torch
 
 from stable_sam import data as data_lib
 from stable_sam.build import OFFICIAL_SAM_TYPES, build_stable_sam
-from stable_sam.config import Params, PluginConfig
+from stable_sam.config import PluginConfig
 from stable_sam.embedding_cache import EmbeddingCache
 from stable_sam.evaluation import CocoImage, PreparedImage, embed_images, prepare_coco_image, prepare_image
 from stable_sam.modeling import StableSam
 
-from .params import load_params, stage_argument_parser
+from .params import Params, load_params
 from .raw_data import RawManifest, read_raw_manifest
 from .sam_source import SamSource, read_sam_source, write_json_atomic
+from .stage_cli import stage_argument_parser
 
 __all__ = [
     "CHUNK",

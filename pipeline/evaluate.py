@@ -48,7 +48,6 @@ import numpy as np
 import torch
 
 from stable_sam.atomic_write import AtomicFileSet
-from stable_sam.config import EvalConfig, Params
 from stable_sam.embedding_cache import ReadOnlyEmbeddingCache
 from stable_sam.evaluation import (
     CocoResult,
@@ -66,10 +65,11 @@ from stable_sam.metrics import coco_mask_ap, mask_iou
 from stable_sam.modeling import StableSam
 
 from .embed import coco_chunks, coco_sets, hq_chunks, hq_sets, sam_model, set_threads
-from .params import load_params, stage_argument_parser
+from .params import EvalConfig, Params, load_params
 from .raw_data import read_raw_manifest
 from .readme_table import EFFECT_PROMPTS
 from .sam_source import json_text, read_sam_source
+from .stage_cli import stage_argument_parser
 
 __all__ = [
     "EvaluatePaths",

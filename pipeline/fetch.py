@@ -42,7 +42,7 @@ from typing import Any
 
 import requests
 
-from pipeline.params import load_params, stage_argument_parser
+from pipeline.params import Params, load_params
 from pipeline.raw_data import (
     FileItem,
     FileManifest,
@@ -53,8 +53,8 @@ from pipeline.raw_data import (
 )
 from pipeline.sources import generate_split
 from pipeline.sources.items import FetchError, fetch_local, fetch_remote
+from pipeline.stage_cli import stage_argument_parser
 from stable_sam import data as data_lib
-from stable_sam.config import Params
 
 __all__ = ["FetchError", "FetchPaths", "main", "run"]
 

@@ -1,33 +1,301 @@
-"""params.yaml -> OmegaConf structured merge -> the core's config dataclasses, checked.
+"""The stage sections' schema: params.yaml (+ overlays, overrides) -> OmegaConf merge -> typed config.
 
-Every stage reads its configuration through :func:`load_params`, so an unknown or mistyped key,
-or a value its key does not allow (both declared in ``stable_sam/config.py``), in the file, in a
-``--set key=value`` override or in a trained variant, fails before any work starts with one
-:class:`ParamsError` that names the key, the value and what is allowed. The stage command line
-is shared too (:func:`stage_argument_parser`): paths come from ``dvc.yaml``, values from
-``params.yaml`` (``--variant NAME`` picks one of its ``ablate.variants``) and overrides, nothing
-else; a bad one ends the command when its arguments are parsed (exit status 2, one line, no
-traceback).
+``params.yaml`` is the one place pipeline defaults are set. Its sections are declared here without
+defaults (a key the file lacks fails, naming it); ``plugin``, ``tuning``, ``occlusion`` and
+``train.prompts`` are the core's own configs (``stable_sam/config.py``), whose method defaults the
+file sets explicitly too. What a key accepts is declared next to it, with the core's validators.
+
+:func:`load_params` merges the file, then in order overlays (``--overlay FILE``: only the keys that
+differ, e.g. ``configs/vit_l_hqseg44k.yaml``), ``--set key=value`` overrides and trained variants
+(``--variant NAME``); an unknown or mistyped key, or a value its key does not allow, fails before
+any work with one :class:`ParamsError` naming where, the key, the value and what is allowed. The
+stage command line is ``pipeline.stage_cli``; ``python -m pipeline.params [--overlay FILE] [--set
+KEY=VALUE]`` prints the resolved params as YAML.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import dataclasses
+import re
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from stable_sam.config import VARIANT_NAME, ConfigError, Params, check_config
+from stable_sam.build import SAM_TYPES
+from stable_sam.config import (
+    COUNT,
+    EVAL_PROMPT_KIND,
+    EVAL_RESIZE_MODES,
+    NAME,
+    NON_NEGATIVE,
+    POINT_COUNTS,
+    POSITIVE,
+    PROBABILITY,
+    SEED,
+    Allowed,
+    ConfigError,
+    OcclusionConfig,
+    PluginConfig,
+    PromptMixConfig,
+    Rule,
+    TuningConfig,
+    allows,
+    check_config,
+    integer,
+    list_of,
+    nullable,
+    number,
+    one_of,
+    option,
+    ordered,
+)
 
-__all__ = ["ParamsError", "Variant", "load_params", "resolved_params_dict", "stage_argument_parser"]
+__all__ = [
+    "EVAL_DEVICES",
+    "FETCH_SOURCES",
+    "FETCH_VALIDATIONS",
+    "VARIANT_NAME",
+    "AblateConfig",
+    "BaseTrainConfig",
+    "DataConfig",
+    "EmbeddedConfig",
+    "EvalConfig",
+    "FetchConfig",
+    "Overlay",
+    "Params",
+    "ParamsError",
+    "RayConfig",
+    "SamConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "Variant",
+    "load_params",
+    "main",
+    "resolved_params_dict",
+]
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline's choices and the values only its keys take
+
+FETCH_SOURCES = ("embedded", "remote", "local")
+FETCH_VALIDATIONS = ("full", "header")
+EVAL_DEVICES = ("auto", "cuda", "cpu")
+# Names of trained variants (ablate.variants): DVC pastes them into commands and paths.
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+_NAMES = list_of(NAME, non_empty=True)
+_SHA256 = Allowed(
+    lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None),
+    "null or 64 lowercase hex digits (a sha256)",
+)
+_VARIANT_MAP = Allowed(
+    lambda v: (
+        isinstance(v, Mapping)
+        and all(isinstance(k, str) and VARIANT_NAME.fullmatch(k) for k in v)
+        and all(isinstance(o, Mapping) for o in v.values())
+    ),
+    "a mapping of names matching [A-Za-z0-9_]+ to {params key: value} overrides",
+    shown=lambda v: list(v) if isinstance(v, Mapping) else v,  # the names, not every override
+)
+
+# ------------------------------------------------------------------------------------------------
+# The sections (what each key means: the comments in params.yaml)
+
+
+@dataclass
+class SamConfig:
+    """Which SAM the plug-ins attach to (stable_sam.build: official vit_* or small specs)."""
+
+    type: str = option(one_of(SAM_TYPES))
+    checkpoint: str | None  # None: the official checkpoint the fetch stage verified (vit_*)
+    sha256: str | None = option(_SHA256)  # pinned by the base stage; None: not pinned
+
+
+@dataclass
+class FetchConfig:
+    """What the fetch stage gets, and from where."""
+
+    source: str = option(one_of(FETCH_SOURCES))
+    items: list[str] = field(metadata=allows(list_of(NAME)))  # pipeline/manifest.json entries
+    local_root: str | None
+    timeout_s: float = option(POSITIVE)
+    retries: int = option(integer(0))
+    # Manifest items without a published sha256 are refused unless listed here (then pinned).
+    trust_unverified: list[str] = field(metadata=allows(list_of(NAME)))
+    keep_archives: bool
+    validate: str = option(one_of(FETCH_VALIDATIONS))
+
+
+@dataclass
+class EmbeddedConfig:
+    """The procedurally generated offline dataset (HQSeg folder layout)."""
+
+    num_train: int = option(COUNT)
+    num_val: int = option(COUNT)
+    image_size: int = option(integer(16))
+    min_objects: int = option(integer(1, maximum=255))  # instance ids are 8-bit
+    max_objects: int = option(integer(1, maximum=255))
+    seed: int = option(SEED)
+
+    rules: ClassVar[tuple[Rule, ...]] = (ordered("min_objects", "max_objects"),)
+
+
+@dataclass
+class DataConfig:
+    """Which datasets the training and evaluation stages read, and how images are resized."""
+
+    train: list[str] = field(metadata=allows(_NAMES))  # registered dataset names or HQSeg-layout folders
+    val: list[str] = field(metadata=allows(_NAMES))
+    eval_resize: str = option(one_of(EVAL_RESIZE_MODES))  # [21]
+    lsj_min_scale: float = option(POSITIVE)  # large-scale jitter of the training images
+    lsj_max_scale: float = option(POSITIVE)
+    hflip_probability: float = option(PROBABILITY)
+
+    rules: ClassVar[tuple[Rule, ...]] = (ordered("lsj_min_scale", "lsj_max_scale"),)
+
+
+@dataclass
+class BaseTrainConfig:
+    """Pretraining the released small base SAM (base/dvc.yaml; precise prompts only, like SAM)."""
+
+    steps: int = option(COUNT)
+    batch_size: int = option(COUNT)
+    lr: float = option(POSITIVE)
+    weight_decay: float = option(NON_NEGATIVE)
+    warmup_steps: int = option(integer(0))
+    num_images: int = option(COUNT)  # its own generated split, disjoint from embedded train/val
+    point_counts: list[int] = field(metadata=allows(POINT_COUNTS))
+    box_probability: float = option(PROBABILITY)
+    box_jitter: float = option(NON_NEGATIVE)  # std of SAM's jittered GT box, x the box side
+    correction_clicks: int = option(integer(0))
+    iou_loss_weight: float = option(NON_NEGATIVE)
+    lsj_min_scale: float = option(POSITIVE)
+    lsj_max_scale: float = option(POSITIVE)
+    checkpoint_every: int = option(COUNT)
+    log_every: int = option(COUNT)
+    threads: int = option(COUNT)
+    seed: int = option(SEED)
+
+    rules: ClassVar[tuple[Rule, ...]] = (ordered("lsj_min_scale", "lsj_max_scale"),)
+
+
+@dataclass
+class TrainConfig:
+    """Stable-SAM fine-tuning (robust training strategy)."""
+
+    epochs: int = option(COUNT)
+    batch_size: int = option(COUNT)  # global batch, split over the Ray workers
+    lr: float = option(POSITIVE)
+    weight_decay: float = option(NON_NEGATIVE)
+    steps: int | None = option(nullable(COUNT))  # None: epochs x (images // batch_size)
+    prompts: PromptMixConfig
+    use_occlusion: bool
+    lsj: bool
+    num_points_loss: int = option(COUNT)
+    oversample_ratio: float = option(number(minimum=1.0))
+    importance_sample_ratio: float = option(PROBABILITY)
+    checkpoint_every: int = option(COUNT)
+    log_every: int = option(COUNT)
+    loader_workers: int = option(integer(0))  # DataLoader processes per Ray worker
+    encoder_batch_size: int | None = option(nullable(COUNT))  # None: the worker's whole batch
+    seed: int = option(SEED)
+
+
+@dataclass
+class RayConfig:
+    """Ray Train scaling and fault tolerance."""
+
+    num_workers: int = option(COUNT)
+    use_gpu: bool
+    cpus_per_worker: float = option(POSITIVE)
+    max_failures: int = option(integer(-1))  # -1: retry forever (Ray's FailureConfig)
+    storage_path: str | None  # None: <repo>/.ray_results (shared storage on clusters)
+    address: str | None  # None: RAY_ADDRESS, else a private loopback Ray (pipeline/ray_runtime.py)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol (method spec sections 5 and 6); also the prompt protocol of the sweeps."""
+
+    prompts: list[str] = field(metadata=allows(list_of(EVAL_PROMPT_KIND)))
+    draws: int = option(COUNT)  # K prompt draws for mIoU ± std and ST [19, 20]
+    seed: int = option(SEED)
+    noise_scale: float = option(NON_NEGATIVE)
+    min_box_iou: float = option(PROBABILITY)
+    multimask_output: bool
+    coco_max_images: int | None = option(nullable(COUNT))
+    coco_min_box_iou: float = option(PROBABILITY)  # COCO "N-Box (0.5-0.6)"
+    coco_max_box_iou: float = option(PROBABILITY)
+    num_figures: int = option(integer(0))
+    threads: int | None = option(nullable(COUNT))  # None: torch's default (all cores)
+    device: str = option(one_of(EVAL_DEVICES))
+    embed_batch_size: int = option(COUNT)
+
+    rules: ClassVar[tuple[Rule, ...]] = (ordered("coco_min_box_iou", "coco_max_box_iou"),)
+
+
+@dataclass
+class AblateConfig:
+    """Decoder-only sweeps (run on cached embeddings), and the trained variants."""
+
+    point_counts: list[int] = field(metadata=allows(POINT_COUNTS))
+    alpha1_values: list[float] = field(metadata=allows(list_of(PROBABILITY, non_empty=True)))
+    alpha1_point_counts: list[int] = field(metadata=allows(POINT_COUNTS))
+    noise_scales: list[float] = field(metadata=allows(list_of(NON_NEGATIVE, non_empty=True, distinct=True)))
+    seeds: list[int] = field(metadata=allows(list_of(SEED, non_empty=True, distinct=True)))
+    # name -> {params key: value}: the overrides of its train and evaluate stages (--variant
+    # NAME). A name set to null is no variant: how an overlay drops one of the file's.
+    variants: dict[str, dict[str, Any] | None] = field(metadata=allows(_VARIANT_MAP))
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (pipeline/tracking.py)."""
+
+    enabled: bool
+    uri: str | None  # None: sqlite:///<repo root>/mlflow.db (embedded, no server)
+    experiment: str = option(NAME)
+    registered_model: str = option(NAME)
+
+
+@dataclass
+class Params:
+    """The whole of ``params.yaml``."""
+
+    sam: SamConfig
+    plugin: PluginConfig
+    tuning: TuningConfig
+    fetch: FetchConfig
+    embedded: EmbeddedConfig
+    data: DataConfig
+    occlusion: OcclusionConfig
+    base: BaseTrainConfig
+    train: TrainConfig
+    ray: RayConfig
+    eval: EvalConfig
+    ablate: AblateConfig
+    tracking: TrackingConfig
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ("train.batch_size", "ray.num_workers"),
+            lambda batch, workers: batch % workers == 0,
+            "train.batch_size divisible by ray.num_workers (the global batch is split over the workers)",
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
 
 
 class ParamsError(ValueError):
-    """A params file, an override or a variant that does not match the schema."""
+    """A params file, an overlay, an override or a variant that does not match the schema."""
 
 
 @dataclass(frozen=True)
@@ -41,14 +309,25 @@ class Variant:
     name: str
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Sequence[str | Variant] | None = None) -> Params:
-    """Load ``params.yaml`` strictly onto :class:`stable_sam.config.Params` and check every value.
+@dataclass(frozen=True)
+class Overlay:
+    """``--overlay FILE``: merge a YAML file that sets only the keys that differ, at this point."""
+
+    path: str
+
+
+Override = str | Variant | Overlay | Mapping[str, Any]
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[Override] | None = None) -> Params:
+    """Load ``params.yaml`` strictly onto :class:`Params` and check every value.
 
     Args:
-      path: the params file; a missing file is an error (a stage never runs on defaults by
-        accident).
+      path: the params file, which lists every key; a missing file is an error (a stage never
+        runs on defaults by accident).
       overrides: applied in order after the file: ``key=value`` dotlist entries (``--set``),
-        e.g. ``train.lr=3e-4``, and :class:`Variant` entries (``--variant NAME``).
+        e.g. ``train.lr=3e-4``; :class:`Overlay` files (``--overlay``); :class:`Variant` entries
+        (``--variant NAME``); and ``{params key: value}`` mappings (what a variant holds).
 
     Returns:
       A fully typed :class:`Params` instance (plain dataclasses) whose every value is allowed;
@@ -58,31 +337,59 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str | Vari
       ParamsError: the first problem, in one message that says where it comes from.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"params file not found: {path}")
-    try:
-        file_cfg = OmegaConf.load(path)
-    except Exception as err:  # yaml errors carry the line number; keep them
-        raise ParamsError(f"{path}: cannot parse: {err}") from None
-    merged = _merge(OmegaConf.structured(Params), file_cfg or OmegaConf.create({}), str(path))
+    merged = _merge(_schema(Params), _read(path, "params file"), str(path))
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
+        raise ParamsError(
+            f"{path}: missing key(s) {shown}: a params file lists every key (a file of only the keys "
+            "that differ is an overlay: --overlay FILE on top of params.yaml)"
+        )
     layers: list[tuple[str, tuple[str, ...]]] = []  # (where, the keys it sets): for error messages
     for item in overrides or ():
-        if isinstance(item, Variant):
-            where = f"--variant {item.name}"
-            changes = _variant(merged, item.name, path)
-            merged = _merge(merged, _nested(changes, where), where)
-            layers.append((where, tuple(changes)))
-        else:
-            where = f"--set {item}"
-            if "=" not in item:
-                raise ParamsError(f"{where}: not of the form key=value")
-            merged = _merge(merged, OmegaConf.from_dotlist([item]), where)
-            layers.append((where, (item.split("=", 1)[0].strip(),)))
+        where, layer = _layer(item, merged, path)
+        merged = _merge(merged, layer, where)
+        layers.append((where, tuple(_leaf_keys(OmegaConf.to_container(layer)))))
     params = _checked(merged, str(path), layers)
     for name, changes in params.ablate.variants.items():
-        where = f"{path}: ablate.variants.{name}"
+        where = f"{_source(layers, [f'ablate.variants.{name}'], str(path))}: ablate.variants.{name}"
         _checked(_merge(merged, _nested(changes, where), where), where, [])
     return params
+
+
+def _schema(cls: type) -> DictConfig:
+    """``cls`` as a structured config whose every leaf is missing: the file must set each one."""
+    node = OmegaConf.structured(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        node[f.name] = _schema(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else MISSING
+    return node
+
+
+def _read(path: Path, what: str) -> DictConfig:
+    if not path.is_file():
+        raise ParamsError(f"{what} not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry the line number; keep them
+        raise ParamsError(f"{path}: cannot parse: {err}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ParamsError(f"{path}: expected a mapping of sections, got a list")
+    return loaded
+
+
+def _layer(item: Override, merged: DictConfig, path: Path) -> tuple[str, Any]:
+    """One override as (where it comes from, the config to merge)."""
+    if isinstance(item, Overlay):
+        return f"--overlay {item.path}", _read(Path(item.path), "overlay")
+    if isinstance(item, Variant):
+        where = f"--variant {item.name}"
+        return where, OmegaConf.create(_nested(_variant(merged, item.name, path), where))
+    if isinstance(item, Mapping):
+        return "overrides", OmegaConf.create(_nested(item, "overrides"))
+    if "=" not in item:
+        raise ParamsError(f"--set {item}: not of the form key=value")
+    return f"--set {item}", OmegaConf.from_dotlist([item])
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
@@ -101,25 +408,34 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else message
 
 
+def _leaf_keys(tree: Any, prefix: str = "") -> list[str]:
+    """The dotted keys a nested mapping sets (its leaves; a list is one leaf)."""
+    if not isinstance(tree, Mapping) or not tree:
+        return [prefix] if prefix else []
+    return [key for k, v in tree.items() for key in _leaf_keys(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
 def _checked(merged: DictConfig, where: str, layers: Sequence[tuple[str, tuple[str, ...]]]) -> Params:
     """The typed params, every value checked; a problem names the last layer that set its key."""
     try:
         params = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ParamsError(f"{where}: {_first_line(str(err))}") from None
+    params.ablate.variants = {k: v for k, v in params.ablate.variants.items() if v is not None}
     try:
         check_config(params)
     except ConfigError as err:
-        source = next(
-            (
-                layer
-                for layer, keys in reversed(layers)
-                if any(_related(a, b) for a in err.values for b in keys)
-            ),
-            where,
-        )
-        raise ParamsError(f"{source}: {err}") from None
+        raise ParamsError(f"{_source(layers, err.values, where)}: {err}") from None
     return params
+
+
+def _source(layers: Sequence[tuple[str, tuple[str, ...]]], keys: Iterable[str], default: str) -> str:
+    """The last layer that set one of ``keys`` (or a section or sub-key of one), else ``default``."""
+    keys = list(keys)
+    return next(
+        (where for where, set_ in reversed(layers) if any(_related(a, b) for a in keys for b in set_)),
+        default,
+    )
 
 
 def _related(a: str, b: str) -> bool:
@@ -128,7 +444,7 @@ def _related(a: str, b: str) -> bool:
 
 
 def _variant(merged: DictConfig, name: str, path: Path) -> dict[str, Any]:
-    variants = merged.ablate.variants
+    variants = {k: v for k, v in merged.ablate.variants.items() if v is not None}
     if name not in variants:
         known = ", ".join(variants) or "none"
         raise ParamsError(f"--variant {name}: {path} has no ablate.variants.{name} (known: {known})")
@@ -159,50 +475,19 @@ def resolved_params_dict(params: Params) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(params), resolve=True)
 
 
-def _variant_argument(name: str) -> Variant:
-    if not VARIANT_NAME.fullmatch(name):
-        raise argparse.ArgumentTypeError(f"{name!r} is not a variant name ({VARIANT_NAME.pattern})")
-    return Variant(name)
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.params``: print the resolved params (file + overlays + overrides) as YAML."""
+    from .stage_cli import stage_argument_parser  # the stage command line loads params: no cycle
+
+    parser = stage_argument_parser("Print the resolved params as YAML.", prog="python -m pipeline.params")
+    args = parser.parse_args(argv)
+    params = resolved_params_dict(load_params(args.params, args.overrides))
+    print(OmegaConf.to_yaml(OmegaConf.create(params)), end="")
+    return 0
 
 
-class _StageArgumentParser(argparse.ArgumentParser):
-    """Checks the params a command line names when it is parsed: a bad value is a usage error."""
+if __name__ == "__main__":
+    # This file is __main__ here; the stage command line imports it again as pipeline.params.
+    from pipeline import params
 
-    def parse_known_args(
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        namespace, extras = super().parse_known_args(args, namespace)
-        try:
-            load_params(namespace.params, namespace.overrides)
-        except ParamsError as err:
-            self.exit(2, f"{self.prog}: error: {err}\n")
-        return namespace, extras
-
-
-def stage_argument_parser(description: str) -> argparse.ArgumentParser:
-    """The argument parser every stage starts from: ``--params``, ``--variant`` and ``--set``.
-
-    ``--variant`` and ``--set`` land in one list, ``args.overrides``, in command-line order:
-    ``load_params(args.params, args.overrides)``. Parsing already loads and checks the params,
-    so a bad file, override or variant ends the command there with its one-line message.
-    """
-    parser = _StageArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument(
-        "--variant",
-        dest="overrides",
-        action="append",
-        default=[],
-        type=_variant_argument,
-        metavar="NAME",
-        help="apply the trained variant ablate.variants.NAME of the params file (variants/dvc.yaml)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one param, e.g. --set train.lr=3e-4 (repeatable)",
-    )
-    return parser
+    raise SystemExit(params.main())

@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stable_sam.config import Params
-
-from .params import load_params, stage_argument_parser
+from .params import Params, load_params
 from .readme_table import (
     check_entries,
     compared_cells,
@@ -37,6 +35,7 @@ from .readme_table import (
     rewrite_marked_block,
     write_text_atomic,
 )
+from .stage_cli import stage_argument_parser
 
 __all__ = [
     "ReportPaths",

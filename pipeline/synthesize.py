@@ -42,11 +42,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.params import load_params, stage_argument_parser
+from pipeline.params import Params, load_params
 from pipeline.raw_data import RAW_MANIFEST_NAME, portable_path, read_raw_manifest
+from pipeline.stage_cli import stage_argument_parser
 from stable_sam import data as data_lib
 from stable_sam.atomic_write import write_bytes_atomic
-from stable_sam.config import OcclusionConfig, Params
+from stable_sam.config import OcclusionConfig
 from stable_sam.occlusion import OcclusionResult, synthesize_occlusion
 
 __all__ = ["SynthesizePaths", "main", "run"]

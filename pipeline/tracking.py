@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from stable_sam.config import Params
+    from pipeline.params import Params
 
 __all__ = [
     "DatasetDigest",

@@ -34,7 +34,7 @@ import torch
 
 from stable_sam.build import build_stable_sam
 from stable_sam.checkpoint import save_plugin_checkpoint
-from stable_sam.config import Params, config_from_dict, config_to_dict
+from stable_sam.config import config_from_dict, config_to_dict
 from stable_sam.data import open_dataset
 from stable_sam.training import (
     AugmentedPromptDataset,
@@ -47,7 +47,7 @@ from stable_sam.training import (
     train_loop,
 )
 
-from .params import load_params, stage_argument_parser
+from .params import Params, load_params
 from .raw_data import read_raw_manifest
 from .ray_runtime import check_resources, init_ray, is_loopback_ray
 from .run_state import (
@@ -59,6 +59,7 @@ from .run_state import (
     run_fingerprint,
 )
 from .sam_source import SamSource, read_sam_source, write_json_atomic
+from .stage_cli import stage_argument_parser
 
 __all__ = [
     "TrainPaths",

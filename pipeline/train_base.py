@@ -27,7 +27,7 @@ import torch
 
 from stable_sam.build import SMALL_SAM_SPECS, build_sam
 from stable_sam.checkpoint import atomic_torch_save, file_sha256
-from stable_sam.config import BaseTrainConfig, Params, PluginConfig, config_to_dict
+from stable_sam.config import PluginConfig, config_to_dict
 from stable_sam.data import open_dataset
 from stable_sam.modeling import StableSam
 from stable_sam.training import (
@@ -41,9 +41,10 @@ from stable_sam.training import (
     train_loop,
 )
 
-from .params import load_params, stage_argument_parser
+from .params import BaseTrainConfig, Params, load_params
 from .run_state import TRAINING_CODE, resume_or_start, run_fingerprint, state_dir
 from .sam_source import write_json_atomic
+from .stage_cli import stage_argument_parser
 
 __all__ = ["TrainBasePaths", "main", "run"]
 

@@ -22,12 +22,11 @@ import psutil
 import torch
 from conftest import TEST_ENVIRONMENT
 
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 from pipeline.sam_source import SamSource, write_sam_source
 from pipeline.sources import generate_split
 from pipeline.train import TrainPaths
 from stable_sam.checkpoint import file_sha256
-from stable_sam.config import Params
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS_FILE = REPO / "params.yaml"

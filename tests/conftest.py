@@ -6,6 +6,7 @@ The environment variables are set before ray, mlflow or dvc can be imported by a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Offline, quiet, Ray Train's result polling fast enough for per-checkpoint reports. Every Ray a
 # test starts (ray.init, `ray start --head`) is on loopback only (Ray's single-machine mode), so
@@ -28,6 +29,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+PARAMS_FILE = Path(__file__).resolve().parent.parent / "params.yaml"  # the committed params
 
 
 @pytest.fixture(autouse=True)
@@ -87,3 +90,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def repo_params(**sections):
+    """The committed params.yaml, with fields of its sections replaced: ``repo_params(eval={"draws": 3})``.
+
+    The pipeline's sections have no defaults of their own (params.yaml is their one home), so a
+    test starts from the file. The changes are not checked, as if the dataclasses were built by
+    hand (a test of a stage's own checks passes values the params loader would refuse).
+    """
+    import dataclasses
+
+    from pipeline.params import load_params
+
+    params = load_params(PARAMS_FILE)
+    for name, changes in sections.items():
+        setattr(params, name, dataclasses.replace(getattr(params, name), **changes))
+    return params

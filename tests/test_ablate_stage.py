@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from pipeline.embed import run as embed
 from pipeline.evaluate import run as evaluate
 from pipeline.params import Variant, load_params
 from stable_sam.build import build_stable_sam
-from stable_sam.config import AblateConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,8 @@ pytestmark = [
 
 def _params(**ablate_kwargs):
     params = tiny_params()
-    params.ablate = AblateConfig(
+    params.ablate = dataclasses.replace(
+        params.ablate,
         point_counts=[1, 3, 10],
         alpha1_values=[0.0, 0.5, 1.0],
         alpha1_point_counts=[1, 10],

@@ -178,8 +178,8 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     (tmp_path / "train.json").write_text(json.dumps(train))
     (tmp_path / "eval.json").write_text(json.dumps({"gt_box": {"miou": 1.0, "mbiou": 2.0}}))
     (tmp_path / "table.csv").write_text("family,images,gt_box\nall,4,1.0\nblob,4,1.0\n")
-    params = tmp_path / "params.yaml"
-    params.write_text("sam:\n  type: tiny\n")
+    params = tmp_path / "params.yaml"  # the committed one, for the tiny SAM
+    params.write_text(_params_file().read_text().replace("  type: small ", "  type: tiny ", 1))
     target, sha = release(
         model,
         tmp_path / "train.json",

@@ -9,13 +9,14 @@ plugin/ (a plug-in checkpoint moved away from its identity initialisation).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_plugins
+from conftest import perturb_plugins, repo_params
 from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything.modeling import ImageEncoderViT
@@ -24,12 +25,13 @@ from pipeline.embed import EmbedPaths
 from pipeline.embed import run as embed
 from pipeline.evaluate import EvaluatePaths, effect_checks
 from pipeline.evaluate import run as evaluate
+from pipeline.params import Params
 from pipeline.raw_data import write_raw_manifest
 from pipeline.sam_source import SamSource, write_sam_source
 from stable_sam.atomic_write import AtomicFileSet
 from stable_sam.build import build_sam, build_stable_sam
 from stable_sam.checkpoint import file_sha256, save_plugin_checkpoint
-from stable_sam.config import DataConfig, EvalConfig, Params, PluginConfig, TrackingConfig, TuningConfig
+from stable_sam.config import PluginConfig, TuningConfig
 
 N_IMAGES = 4
 SIZE = 64
@@ -126,9 +128,7 @@ def make_project(
 
 def tiny_params(**eval_kwargs) -> Params:
     cfg = {"draws": 3, "num_figures": 1, **eval_kwargs}
-    return Params(
-        data=DataConfig(val=["embedded"]), eval=EvalConfig(**cfg), tracking=TrackingConfig(enabled=False)
-    )
+    return repo_params(data={"val": ["embedded"]}, eval=cfg, tracking={"enabled": False})
 
 
 def eval_paths(project: dict[str, Path], out: Path, *, plugin: Path | None = None) -> EvaluatePaths:
@@ -375,7 +375,7 @@ def test_a_folder_with_an_undecodable_image_is_evaluated_once_per_distinct_image
     broken = sorted((folder / "im").glob("*.jpg"))[1]
     broken.write_bytes(broken.read_bytes()[:200])  # a truncated JPEG: the header reads, pixels do not
     params = tiny_params(prompts=["gt_box"])
-    params.data = DataConfig(val=[str(folder)])
+    params.data = dataclasses.replace(params.data, val=[str(folder)])
     metrics = evaluate(params, eval_paths(project, tmp_path / "eval"))
     (name,) = metrics["images"]
     assert metrics["images"][name] == N_IMAGES

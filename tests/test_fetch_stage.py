@@ -10,19 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PARAMS_FILE, repo_params
 from PIL import Image
 from test_download import FileServer
 
 from pipeline import raw_data
 from pipeline.fetch import FetchError, FetchPaths, main, run
+from pipeline.params import Params
 from pipeline.raw_data import RawDataError, load_file_manifest, read_raw_manifest
-from stable_sam.config import ConfigError, EmbeddedConfig, FetchConfig, Params, check_config
+from stable_sam.config import ConfigError, check_config
 
 
 def _params(**fetch) -> Params:
-    return Params(
-        fetch=FetchConfig(**fetch),
-        embedded=EmbeddedConfig(num_train=6, num_val=3, image_size=48, min_objects=2, max_objects=3, seed=1),
+    return repo_params(
+        fetch=fetch,
+        embedded=dict(num_train=6, num_val=3, image_size=48, min_objects=2, max_objects=3, seed=1),
     )
 
 
@@ -296,11 +298,22 @@ def test_repository_file_manifest_matches_the_published_values():
 
 
 def test_main_runs_offline_without_tracking(tmp_path):
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(
         "tracking:\n  enabled: false\nembedded:\n  num_train: 2\n  num_val: 1\n  image_size: 32\n"
     )
-    main(["--params", str(params_file), "--out", str(tmp_path / "raw"), "--set", "embedded.seed=5"])
+    main(
+        [
+            "--params",
+            str(PARAMS_FILE),
+            "--overlay",
+            str(overlay),
+            "--out",
+            str(tmp_path / "raw"),
+            "--set",
+            "embedded.seed=5",
+        ]
+    )
     manifest = raw_data.read_raw_manifest(tmp_path / "raw")
     assert manifest.content["seeds"]["embedded"] == 5
 

@@ -1,8 +1,9 @@
 """Every params value is checked when params load, and variants never reach a shell.
 
-Issue 13 ("every bad input is named early"): a value outside what its key allows (declared once in
-stable_sam/config.py) fails in ``load_params`` with one ParamsError naming the key, the value and
-what is allowed, and a stage command line ends at argument parsing with that message (exit 2, no
+Issue 13 ("every bad input is named early"): a value outside what its key allows (declared once,
+next to the key: stable_sam/config.py for the core's configs, pipeline/params.py for the stage
+sections) fails in ``load_params`` with one ParamsError naming the key, the value and what is
+allowed, and a stage command line ends at argument parsing with that message (exit 2, no
 traceback). Variants are data (params key -> value), applied by ``--variant NAME``.
 """
 
@@ -18,16 +19,26 @@ import pytest
 import yaml
 from conftest import TEST_ENVIRONMENT
 
-from pipeline import fetch
-from pipeline.params import ParamsError, Variant, load_params, stage_argument_parser
+from pipeline import params as pipeline_params
+from pipeline.params import Overlay, ParamsError, Variant, load_params
+from pipeline.stage_cli import stage_argument_parser
 from stable_sam import build, config
-from stable_sam.config import ConfigError, Params, PluginConfig, check_config, is_eval_prompt_kind
+from stable_sam.config import (
+    ConfigError,
+    OcclusionConfig,
+    PluginConfig,
+    PromptMixConfig,
+    TuningConfig,
+    check_config,
+    is_eval_prompt_kind,
+)
 from stable_sam.data import DatasetError, SegmentationFolder, prepare_eval_image
 from stable_sam.modeling import deformable_sampling, dynamic_routing, plugged_attention
 from stable_sam.prompts import coarse_mask, sample_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "params.yaml"
+CLUSTER = REPO / "configs" / "vit_l_hqseg44k.yaml"
 
 # --set override -> the whole message the user sees.
 BAD_OVERRIDES = {
@@ -62,7 +73,7 @@ BAD_OVERRIDES = {
     "tuning.decoder=head": "tuning.decoder = 'head': must be one of 'frozen', 'prediction_head', 'full'",
     "tuning.encoder=lorra": "tuning.encoder = 'lorra': must be one of 'frozen', 'lora', 'adapter'",
     "tuning.lora_rank=0": "tuning.lora_rank = 0: must be an integer >= 1",
-    "sam.type=vit_x": "sam.type = 'vit_x': must be one of 'vit_b', 'vit_l', 'vit_h', 'small', 'tiny'",
+    "sam.type=vit_x": "sam.type = 'vit_x': must be one of 'vit_b', 'vit_l', 'vit_h', 'tiny', 'small'",
     "fetch.source=remot": "fetch.source = 'remot': must be one of 'embedded', 'remote', 'local'",
     "fetch.validate=ful": "fetch.validate = 'ful': must be one of 'full', 'header'",
     "fetch.retries=-1": "fetch.retries = -1: must be an integer >= 0",
@@ -155,10 +166,14 @@ def test_allowed_values_load(override):
     load_params(PARAMS, [override])
 
 
-def test_every_shipped_params_file_and_the_defaults_are_valid():
-    for path in (PARAMS, REPO / "configs" / "vit_l_hqseg44k.yaml"):
-        check_config(load_params(path))
-    check_config(Params())
+def test_params_yaml_every_overlay_and_the_core_defaults_are_valid():
+    check_config(load_params(PARAMS))
+    overlays = sorted((REPO / "configs").glob("*.yaml"))
+    assert CLUSTER in overlays
+    for overlay in overlays:
+        check_config(load_params(PARAMS, [Overlay(str(overlay))]))
+    for cls in (PluginConfig, TuningConfig, OcclusionConfig, PromptMixConfig):
+        check_config(cls())
 
 
 def test_the_core_rejects_bad_values_for_library_users():
@@ -169,18 +184,50 @@ def test_the_core_rejects_bad_values_for_library_users():
 
 
 # ------------------------------------------------------------------------------------------------
-# One declaration of each choice: the modules that consume a choice accept exactly these.
+# One declaration of each choice: the modules that consume a choice use it, and accept every value.
+
+# Each choice tuple is declared in one module and imported, never restated, elsewhere.
+CORE_CHOICES = (
+    "PLUGIN_VARIANTS", "PLACEMENTS", "ROUTINGS", "ROUTING_NORMS", "DRP_TOKENS", "AMPLITUDES",
+    "PADDING_MODES", "REPLACE_MODES", "INITS", "DECODER_TUNINGS", "ENCODER_TUNINGS",
+    "COARSE_MASK_VALUES", "EVAL_RESIZE_MODES",
+)  # fmt: skip
+PIPELINE_CHOICES = ("FETCH_SOURCES", "FETCH_VALIDATIONS", "EVAL_DEVICES")
+DECLARED = {
+    **dict.fromkeys(CORE_CHOICES, "stable_sam/config.py"),
+    **dict.fromkeys(PIPELINE_CHOICES, "pipeline/params.py"),
+}
 
 
-def test_choice_constants_match_their_consumers():
-    assert set(config.SAM_TYPES) == set(build.SAM_TYPES)
-    assert set(config.PADDING_MODES) == set(deformable_sampling._PADDING_MODES)
-    assert set(config.AMPLITUDES) == set(deformable_sampling._AMPLITUDES)
-    assert set(config.INITS) == set(deformable_sampling._INITS)
-    assert set(config.DRP_TOKENS) == set(plugged_attention._TOKENS)
-    assert set(config.REPLACE_MODES) == set(plugged_attention._REPLACE)
-    assert set(config.ROUTING_NORMS) == set(dynamic_routing._NORMALISATIONS)
-    assert set(config.FETCH_SOURCES) == set(fetch._SOURCES)
+def _choices(name: str) -> tuple[str, ...]:
+    module = config if DECLARED[name].startswith("stable_sam") else pipeline_params
+    return getattr(module, name)
+
+
+@pytest.mark.parametrize("name", sorted(DECLARED))
+def test_each_choice_tuple_is_written_down_once(name):
+    """No module restates a choice tuple (a second copy drifts): it imports the declared one."""
+    written = re.compile(r"\(\s*" + r"\s*,\s*".join(f"[\"']{re.escape(c)}[\"']" for c in _choices(name)))
+    sources = [*(REPO / "stable_sam").rglob("*.py"), *(REPO / "pipeline").rglob("*.py")]
+    found = [str(f.relative_to(REPO)) for f in sources if written.search(f.read_text())]
+    assert found == [DECLARED[name]], found
+
+
+def test_the_consumers_accept_every_declared_choice():
+    for padding_mode in config.PADDING_MODES:
+        for amplitude in config.AMPLITUDES:
+            deformable_sampling.DeformableSamplingPlugin(
+                embedding_dim=8, padding_mode=padding_mode, amplitude=amplitude
+            )
+    for init in config.INITS:
+        deformable_sampling.DeformableSamplingPlugin(embedding_dim=8, init=init)
+    for norm in config.ROUTING_NORMS:
+        dynamic_routing.DynamicRoutingPlugin(embedding_dim=8, normalization=norm)
+    sam, _ = build.build_sam("tiny")
+    for token in config.DRP_TOKENS:
+        plugged_attention.OutputTokenReader(sam.mask_decoder, token)
+    for sam_type in ("small", "tiny"):  # sam.type takes build.SAM_TYPES itself
+        assert sam_type in build.SAM_TYPES
     mask = np.zeros((32, 32), bool)
     mask[8:20, 8:24] = True
     image = np.zeros((32, 32, 3), np.uint8)
@@ -188,7 +235,7 @@ def test_choice_constants_match_their_consumers():
         prepare_eval_image(image, mask, mode=mode, target_length=64)
     for values in config.COARSE_MASK_VALUES:
         coarse_mask(mask, generator=np.random.default_rng(0), size=(32, 32), values=values)
-    for validate in config.FETCH_VALIDATIONS:  # accepted: it goes on to find no pairs
+    for validate in pipeline_params.FETCH_VALIDATIONS:  # accepted: it goes on to find no pairs
         with pytest.raises(DatasetError, match="no valid image/mask pair"):
             SegmentationFolder([], name="empty", validate=validate)
 
@@ -278,7 +325,7 @@ def test_shell_syntax_in_a_variant_value_stays_a_literal_and_runs_nothing(tmp_pa
     assert load_params(path, [Variant("odd")]).tracking.experiment == "x; touch pwned"
     # Through a stage command line, as variants/dvc.yaml runs it, and with a name that is not one.
     code = (
-        "import sys; from pipeline.params import stage_argument_parser; "
+        "import sys; from pipeline.stage_cli import stage_argument_parser; "
         "args = stage_argument_parser('t').parse_args(sys.argv[1:]); print(args.overrides)"
     )
     run = [sys.executable, "-c", code, "--params", str(path)]
@@ -294,9 +341,9 @@ def test_shell_syntax_in_a_variant_value_stays_a_literal_and_runs_nothing(tmp_pa
 
 
 def test_params_yaml_variant_names_are_identifiers():
-    for path in (PARAMS, REPO / "configs" / "vit_l_hqseg44k.yaml"):
+    for path in (PARAMS, CLUSTER):
         names = yaml.safe_load(path.read_text())["ablate"]["variants"]
-        assert names and all(config.VARIANT_NAME.fullmatch(name) for name in names), path
+        assert names and all(pipeline_params.VARIANT_NAME.fullmatch(name) for name in names), path
 
 
 def test_dvc_commands_interpolate_no_params_but_validated_names():
@@ -350,6 +397,6 @@ def test_train_base_stage_refuses_zero_steps_before_any_work(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "train_base.py: error: --set base.steps=0: base.steps = 0: must be an integer >= 1"
+        "python -m pipeline.train_base: error: --set base.steps=0: base.steps = 0: must be an integer >= 1"
     ]
     assert not any(tmp_path.iterdir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,6 @@ from pipeline.embed import run as embed
 from pipeline.evaluate import run as evaluate
 from pipeline.readme_table import END_MARKER, START_MARKER, effect_markdown, main, rewrite_marked_block
 from pipeline.report import ReportPaths, run
-from stable_sam.config import AblateConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -94,8 +94,12 @@ def pipeline_outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     project = make_project(root)
     params = tiny_params()
-    params.ablate = AblateConfig(
-        point_counts=[1, 3, 10], alpha1_values=[0.0, 1.0], alpha1_point_counts=[1], seeds=[0, 1]
+    params.ablate = dataclasses.replace(
+        params.ablate,
+        point_counts=[1, 3, 10],
+        alpha1_values=[0.0, 1.0],
+        alpha1_point_counts=[1],
+        seeds=[0, 1],
     )
     embed(params, EmbedPaths(project["base"], project["raw"], root / "embeddings", root / "embed.json"))
     evaluate(params, eval_paths(project, root))

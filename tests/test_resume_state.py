@@ -68,9 +68,10 @@ def test_an_unusable_state_is_moved_aside_and_the_run_starts_over(resume_file, d
 
 
 def test_train_base_starts_over_from_a_truncated_state(tmp_path, monkeypatch, caplog):
+    from conftest import repo_params
+
     from pipeline import train_base
     from pipeline.sources import generate_split
-    from stable_sam.config import BaseTrainConfig, Params, SamConfig
 
     data = tmp_path / "pretrain"
     generate_split(data, num_images=4, image_size=64, split="pretrain")
@@ -78,9 +79,9 @@ def test_train_base_starts_over_from_a_truncated_state(tmp_path, monkeypatch, ca
     monkeypatch.setattr(train_base, "state_dir", lambda stage, fingerprint: resume_dir)
     resume_dir.mkdir(parents=True)
     (resume_dir / "state.pt").write_bytes(b"PK\x03\x04 cut short by a kill")
-    params = Params(
-        sam=SamConfig(type="tiny"),
-        base=BaseTrainConfig(steps=2, batch_size=2, warmup_steps=1, correction_clicks=0, point_counts=[1]),
+    params = repo_params(
+        sam={"type": "tiny"},
+        base={"steps": 2, "batch_size": 2, "warmup_steps": 1, "correction_clicks": 0, "point_counts": [1]},
     )
     paths = train_base.TrainBasePaths(
         data=data, out=tmp_path / "base", metrics=tmp_path / "m.json", plot=tmp_path / "p.csv"

@@ -8,28 +8,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PARAMS_FILE, repo_params
 from PIL import Image
 
 from pipeline.fetch import FetchPaths
 from pipeline.fetch import run as fetch
+from pipeline.params import Params
 from pipeline.raw_data import write_raw_manifest
 from pipeline.synthesize import SynthesizePaths, main, run
-from stable_sam.config import (
-    ConfigError,
-    DataConfig,
-    EmbeddedConfig,
-    FetchConfig,
-    OcclusionConfig,
-    Params,
-    check_config,
-)
+from stable_sam.config import ConfigError, check_config
 
 
 def _params(**occlusion) -> Params:
-    return Params(
-        fetch=FetchConfig(source="embedded"),
-        embedded=EmbeddedConfig(num_train=12, num_val=2, image_size=64, min_objects=2, max_objects=4, seed=2),
-        occlusion=OcclusionConfig(**occlusion),
+    return repo_params(
+        fetch={"source": "embedded"},
+        embedded=dict(num_train=12, num_val=2, image_size=64, min_objects=2, max_objects=4, seed=2),
+        occlusion=occlusion,
     )
 
 
@@ -120,7 +114,7 @@ def test_bad_files_are_skipped_and_recorded(tmp_path):
     (folder / "im" / "x1.jpg").write_bytes(b"broken")
     raw = tmp_path / "raw"
     write_raw_manifest(raw, {"source": "local", "datasets": {}})
-    params = Params(data=DataConfig(train=[str(folder)]), occlusion=OcclusionConfig(probability=1.0))
+    params = repo_params(data={"train": [str(folder)]}, occlusion={"probability": 1.0})
     metrics = run(params, SynthesizePaths(raw, tmp_path / "out"))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
@@ -139,12 +133,14 @@ def test_missing_raw_manifest_and_bad_config(tmp_path):
 
 
 def test_main_runs_offline_without_tracking(raw, tmp_path):
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text("tracking:\n  enabled: false\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("tracking:\n  enabled: false\n")
     main(
         [
             "--params",
-            str(params_file),
+            str(PARAMS_FILE),
+            "--overlay",
+            str(overlay),
             "--raw",
             str(raw),
             "--out",

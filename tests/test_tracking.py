@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import repo_params
 
 from pipeline import tracking
-from pipeline.params import resolved_params_dict
+from pipeline.params import Params, resolved_params_dict
 from pipeline.tracking import (
     ENV_RUN_GROUP,
     Tracker,
@@ -32,7 +33,6 @@ from pipeline.tracking import (
     stage_run,
     tracking_uri,
 )
-from stable_sam.config import Params
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -84,7 +84,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _params(uri: str, experiment: str = "stable-sam-test") -> Params:
-    params = Params()
+    params = repo_params()
     params.tracking.uri = uri
     params.tracking.experiment = experiment
     return params
@@ -335,8 +335,10 @@ def test_a_killed_stage_run_is_marked_killed_when_the_stage_starts_again(
         f"""
         import time
         from pipeline.tracking import stage_run
-        from stable_sam.config import Params
-        params = Params()
+        import pipeline
+        from pathlib import Path
+        from pipeline.params import load_params
+        params = load_params(Path(pipeline.__file__).parents[1] / "params.yaml")
         params.tracking.uri, params.tracking.experiment = {store!r}, {experiment!r}
         with stage_run("evaluate", params) as tracker:
             print(tracker.run_id, flush=True)
@@ -396,10 +398,11 @@ def test_disabled_tracking_does_nothing_and_never_imports_mlflow(tmp_path: Path)
         """
         import sys
         from pathlib import Path
-        from stable_sam.config import Params
+        import pipeline
+        from pipeline.params import load_params
         from pipeline.tracking import stage_run
 
-        params = Params()
+        params = load_params(Path(pipeline.__file__).parents[1] / "params.yaml")
         params.tracking.enabled = False
         Path("ck.pt").write_bytes(b"x")
         with stage_run("train", params, params_path="params.yaml") as tracker:
@@ -426,7 +429,7 @@ def test_disabled_tracking_does_nothing_and_never_imports_mlflow(tmp_path: Path)
 
 
 def test_tracking_uri_precedence(project: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    params = Params()
+    params = repo_params()
     assert tracking_uri(params) == f"sqlite:///{project / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri(params) == "http://127.0.0.1:5000"

@@ -11,6 +11,7 @@ from typing import Any
 
 import requests
 
+from pipeline.params import Params
 from pipeline.raw_data import (
     FileItem,
     placement_hint,
@@ -18,7 +19,6 @@ from pipeline.raw_data import (
 )
 from pipeline.sources import DownloadError, download_file, safe_extract
 from stable_sam.checkpoint import file_sha256
-from stable_sam.config import Params
 
 __all__ = ["FetchError", "fetch_local", "fetch_remote"]
 

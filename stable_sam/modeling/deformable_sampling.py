@@ -9,11 +9,9 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
-__all__ = ["DeformableSamplingPlugin", "SampledFeatures", "SpatialAttentionPlugin", "reference_grid"]
+from ..config import AMPLITUDES, INITS, PADDING_MODES
 
-_PADDING_MODES = ("border", "zeros", "reflection")
-_AMPLITUDES = ("conv1x1", "conv1x1_modulated")
-_INITS = ("identity", "default")
+__all__ = ["DeformableSamplingPlugin", "SampledFeatures", "SpatialAttentionPlugin", "reference_grid"]
 
 
 @dataclass
@@ -50,8 +48,8 @@ class _OffsetTrunk(nn.Module):
         self, *, embedding_dim: int, out_channels: int, kernel_size: int, bias: bool, init: str
     ) -> None:
         super().__init__()
-        if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if kernel_size % 2 != 1:
             raise ValueError(f"offset_kernel must be odd so the grid stays aligned, got {kernel_size}")
         self.amplitude = nn.Conv2d(embedding_dim, embedding_dim, kernel_size=1)
@@ -107,10 +105,10 @@ class DeformableSamplingPlugin(nn.Module):
         init: str = "identity",
     ) -> None:
         super().__init__()
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        if amplitude not in _AMPLITUDES:
-            raise ValueError(f"amplitude must be one of {_AMPLITUDES}, got {amplitude!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if amplitude not in AMPLITUDES:
+            raise ValueError(f"amplitude must be one of {AMPLITUDES}, got {amplitude!r}")
         if offset_groups < 1 or embedding_dim % offset_groups:
             raise ValueError(f"offset_groups={offset_groups} must divide the embedding dim {embedding_dim}")
         if offset_bound is not None and offset_bound <= 0:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DynamicRoutingPlugin", "FixedRouting"]
+from ..config import ROUTING_NORMS
 
-_NORMALISATIONS = ("softmax", "sigmoid")
+__all__ = ["DynamicRoutingPlugin", "FixedRouting"]
 
 
 class DynamicRoutingPlugin(nn.Module):
@@ -27,8 +27,8 @@ class DynamicRoutingPlugin(nn.Module):
         init: str = "identity",
     ) -> None:
         super().__init__()
-        if normalization not in _NORMALISATIONS:
-            raise ValueError(f"routing_norm must be one of {_NORMALISATIONS}, got {normalization!r}")
+        if normalization not in ROUTING_NORMS:
+            raise ValueError(f"routing_norm must be one of {ROUTING_NORMS}, got {normalization!r}")
         if hidden_dim < 1:
             raise ValueError(f"drp_hidden must be >= 1, got {hidden_dim}")
         self.normalization = normalization

@@ -8,13 +8,11 @@ from segment_anything.modeling.mask_decoder import MaskDecoder
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor, nn
 
+from ..config import DRP_TOKENS, REPLACE_MODES
 from .deformable_sampling import DeformableSamplingPlugin, SpatialAttentionPlugin
 from .dynamic_routing import DynamicRoutingPlugin, FixedRouting
 
 __all__ = ["OutputTokenReader", "PluggedTokenToImageAttention"]
-
-_TOKENS = ("mask0", "iou", "mean_output")
-_REPLACE = ("keys_values", "keys")
 
 
 class OutputTokenReader:
@@ -27,8 +25,8 @@ class OutputTokenReader:
     """
 
     def __init__(self, decoder: MaskDecoder, token: str) -> None:
-        if token not in _TOKENS:
-            raise ValueError(f"drp_token must be one of {_TOKENS}, got {token!r}")
+        if token not in DRP_TOKENS:
+            raise ValueError(f"drp_token must be one of {DRP_TOKENS}, got {token!r}")
         self.decoder = decoder
         self.token = token
 
@@ -70,8 +68,8 @@ class PluggedTokenToImageAttention(nn.Module):
         resample_pe: bool = False,
     ) -> None:
         super().__init__()
-        if replace not in _REPLACE:
-            raise ValueError(f"replace must be one of {_REPLACE}, got {replace!r}")
+        if replace not in REPLACE_MODES:
+            raise ValueError(f"replace must be one of {REPLACE_MODES}, got {replace!r}")
         self.attention = attention
         self.sampler = sampler
         self.router = router
