@@ -147,7 +147,7 @@ def test_mlflow_run_holds_params_metrics_dataset_checkpoint_and_model_version(
     assert version.tags["sam_checkpoint_sha256"] == file_sha256(sam_checkpoint)
     assert version.tags["checkpoint.file"] == "plugin.pt" and version.tags["dvc.stage"] == "train"
     assert version.tags["checkpoint.sha256"] == file_sha256(paths.out / "plugin.pt")
-    assert run.data.tags["model.version"] == version.version
+    assert run.data.tags["model.version"] == str(version.version)
     # ... and what it points at is a usable plug-in checkpoint.
     model = build_stable_sam(sam_type="tiny", sam_checkpoint=sam_checkpoint, plugin_checkpoint=downloaded)
     reference = torch.load(paths.out / "plugin.pt", weights_only=True)["state_dict"]
