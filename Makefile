@@ -31,8 +31,9 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# One MLflow parent run for the stage runs of this repro (pipeline/tracking.py).
 repro: setup
-	$(BIN)/dvc repro
+	STABLE_SAM_RUN_GROUP=$${STABLE_SAM_RUN_GROUP:-repro-$$(date +%Y%m%d-%H%M%S)} $(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
 # The released base SAM's own pipeline (hours on 2 CPU cores; resumable), then its release into

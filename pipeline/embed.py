@@ -37,6 +37,7 @@ from .params import Params, load_params
 from .raw_data import RawManifest, read_raw_manifest
 from .sam_source import SamSource, read_sam_source, write_json_atomic
 from .stage_cli import stage_argument_parser
+from .tracking import common_folder
 
 __all__ = [
     "CHUNK",
@@ -207,8 +208,9 @@ def run(params: Params, paths: EmbedPaths, *, tracker: Any = None) -> dict[str, 
     with torch.no_grad():
         for name, dataset in hq_sets(params, raw):
             embed(name, "images", hq_chunks(dataset, resize=resize, image_size=size))
-            if tracker is not None:
-                tracker.log_dataset(raw.dataset_root(_spec_of(params, name)), name=name, context="evaluation")
+            if tracker is not None:  # the split's folder (from its files), not the dataset's root
+                files = (f for pair in dataset.pairs for f in (pair.image_path, pair.mask_path))
+                tracker.log_dataset(common_folder(files), context="evaluation")
         for name, coco in coco_sets(params, raw):
             chunks = ([c.image for c in chunk] for chunk in coco_chunks(coco, resize=resize, image_size=size))
             embed(name, "coco_images", chunks)
@@ -239,10 +241,6 @@ def run(params: Params, paths: EmbedPaths, *, tracker: Any = None) -> dict[str, 
         metrics["encoder_passes"], metrics["images"], metrics["seconds"], source.sam_type, resize,
     )  # fmt: skip
     return metrics
-
-
-def _spec_of(params: Params, name: str) -> str:
-    return next(spec for spec in params.data.val if display_name(spec) == name)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

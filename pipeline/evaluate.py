@@ -64,12 +64,13 @@ from stable_sam.evaluation import (
 from stable_sam.metrics import coco_mask_ap, mask_iou
 from stable_sam.modeling import StableSam
 
-from .embed import coco_chunks, coco_sets, hq_chunks, hq_sets, sam_model, set_threads
+from .embed import COCO_ONLY, coco_chunks, coco_sets, hq_chunks, hq_sets, sam_model, set_threads
 from .params import EvalConfig, Params, load_params
 from .raw_data import read_raw_manifest
 from .readme_table import EFFECT_PROMPTS
 from .sam_source import json_text, read_sam_source
 from .stage_cli import stage_argument_parser
+from .tracking import common_folder
 
 __all__ = [
     "EvaluatePaths",
@@ -411,6 +412,7 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
     images: dict[str, int] = {}
     skipped: dict[str, dict[str, Any]] = {}  # files left out of each set, never replaced by others
     seconds: dict[str, float] = {}
+    folders: list[Path] = []  # of the evaluation sets
 
     for d, (name, dataset) in enumerate(hq_sets(params, raw)):
         t0 = time.perf_counter()
@@ -435,6 +437,8 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
                             out=paths.figures,
                         )
         images[name] = len(dataset)
+        # MLflow input: the split's folder (from its files), not the dataset's root (train and val)
+        folders.append(common_folder(f for pair in dataset.pairs for f in (pair.image_path, pair.mask_path)))
         skipped[name] = {"count": dataset.num_skipped, "files": dataset.skipped_dicts()}
         if dataset.num_skipped:
             logger.warning(
@@ -544,8 +548,9 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
         effect["base"]["point_1"]["miou"], effect["stable_sam"]["point_1"]["miou"], checks["all_hold"],
     )  # fmt: skip
     if tracker is not None:
-        for spec in params.data.val:
-            tracker.log_dataset(raw.dataset_root(spec), name=spec, context="evaluation")
+        folders += [raw.dataset_root(spec) for spec in sorted(set(params.data.val) & set(COCO_ONLY))]
+        for folder in folders:
+            tracker.log_dataset(folder, context="evaluation")
         for path in figures:
             tracker.log_figure(path)
     metrics["figures"] = [str(p) for p in figures]
@@ -595,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "effect_checks_hold": float(_all_hold(paths.checks)),
             }
         )
+        tracker.log_metrics(_headline(metrics["mean"]), headline=True)
+        tracker.log_evaluated_checkpoint(paths.plugin / PLUGIN_FILE)
         tracker.set_tags(
             {"evaluate.baseline": metrics["baseline"], "evaluate.datasets": ",".join(metrics["images"])}
         )
@@ -602,6 +609,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if path is not None:
                 tracker.log_artifact(path, artifact_path="evaluation")
     return metrics
+
+
+def _headline(mean: dict[str, Any]) -> dict[str, Any]:
+    """mIoU of SAM, of Stable-SAM and their difference per prompt type (MLflow: on the parent run too)."""
+    sam = mean.get(BASELINE, {})
+    pairs = {k: (sam.get(k, {}).get("miou"), f.get("miou")) for k, f in mean.get(MODEL, {}).items()}
+    return {
+        f"headline.{kind}.miou": {BASELINE: base, MODEL: ours, "delta": ours - base}
+        for kind, (base, ours) in pairs.items()
+        if isinstance(base, (int, float)) and isinstance(ours, (int, float))
+    }
 
 
 def _all_hold(checks: Path) -> bool:

@@ -301,8 +301,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         tracker.log_metrics(metrics)
         tracker.log_artifact(args.out / "manifest.json")
         if (args.out / "embedded").is_dir():
-            tracker.log_dataset(args.out / "embedded" / "train", name="embedded-train", context="training")
-            tracker.log_dataset(args.out / "embedded" / "val", name="embedded-val", context="evaluation")
+            tracker.log_dataset(args.out / "embedded" / "train", context="training")
+            tracker.log_dataset(args.out / "embedded" / "val", context="evaluation")
 
 
 if __name__ == "__main__":

@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with stage_run("synthesize", params, params_path=Path(args.params)) as tracker:
         metrics = run(params, SynthesizePaths(raw=args.raw, out=args.out))
         tracker.log_metrics(metrics)
-        tracker.log_dataset(args.out, name="occluded-train", context="training")
+        tracker.log_dataset(args.out, context="training")
         tracker.log_artifact(args.out / "manifest.json")
         tracker.log_artifact(args.out / "examples.png")
 

@@ -438,7 +438,7 @@ def run(
     _write_curve(paths.plot, history)
     if tracker is not None:
         tracker.log_metrics_series(history, step_key="step")
-        tracker.log_dataset(data_dir, name="train", context="training")
+        tracker.log_dataset(data_dir, context="training")
         tracker.set_tags({"ray.run_name": run_name, "ray.storage_path": str(storage)})
     return metrics
 

@@ -196,7 +196,7 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
     _write_outputs(paths, metrics, history)
     if tracker is not None:
         tracker.log_metrics_series(history, step_key="step")
-        tracker.log_dataset(paths.data, name="embedded-pretrain", context="training")
+        tracker.log_dataset(paths.data, context="training")
         tracker.log_artifact(checkpoint, artifact_path="base_model")
     if resume_file.is_file():
         resume_file.unlink()

@@ -220,7 +220,9 @@ def test_dvc_repro_end_to_end_then_nothing_then_an_experiment(repo):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("stable-sam")
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`pipeline.role` = 'stage'")
-    assert sorted(r.info.run_name for r in runs) == sorted([*first_ran, *exp_ran])
+    assert sorted(r.data.tags["dvc.stage"] for r in runs) == sorted([*first_ran, *exp_ran])
+    # Named by what distinguishes them: the exp run's stages name the changed param.
+    assert any("train.lr=0.002" in r.info.run_name for r in runs if r.data.tags.get("dvc.exp_name"))
     assert all(r.info.status == "FINISHED" for r in runs)
     train_runs = [r for r in runs if r.data.tags["pipeline.stage"] == "train"]
     assert len(train_runs) == 2 and {r.data.params["train.lr"] for r in train_runs} == {"0.001", "0.002"}

@@ -6,9 +6,7 @@ Slow: the stage trains with Ray Train (the session's local Ray instance, see tes
 from __future__ import annotations
 
 import csv
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ from _tiny_project import (
     TINY_TRAIN_OVERRIDES,
     local_ray_session,
     random_tiny_sam_checkpoint,
-    subprocess_env,
     train_cli_args,
     train_paths,
     write_hqseg_folder,
@@ -42,36 +39,32 @@ def _git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def _dvc_add_hash(folder: Path, scratch: Path) -> str:
-    """The md5 `dvc add` records for a copy of ``folder`` (DVC's own CLI, independent of the tracker)."""
-    project = scratch / "dvc-project"
-    project.mkdir()
-    dvc = str(Path(sys.executable).parent / "dvc")
-    env = subprocess_env()
-    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=project, env=env, check=True)
-    shutil.copytree(folder, project / "data")
-    subprocess.run([dvc, "add", "-q", "data"], cwd=project, env=env, check=True)
-    return yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
-
-
 def test_mlflow_run_holds_params_metrics_dataset_checkpoint_and_model_version(
     local_ray, tmp_path, monkeypatch
 ):
     from mlflow import MlflowClient
 
-    # The stage runs in a git repo of its own: the git tags are checkable, nothing lands in ours.
+    # The stage runs in a git + DVC repo of its own: the tags are checkable, nothing lands in ours.
     project = tmp_path / "project"
     project.mkdir()
     _git("init", "-q", "-b", "main", cwd=project)
     (project / "README").write_text("tracking test\n")
-    _git("add", "README", cwd=project)
+    occluded = write_hqseg_folder(project / "data" / "occluded", count=16)
+    from dvc.repo import Repo
+
+    with Repo.init(str(project)) as repo:  # data/occluded is a DVC output, as in the pipeline
+        repo.add(str(occluded))
+    expected_digest = yaml.safe_load((project / "data" / "occluded.dvc").read_text())["outs"][0]["md5"]
+    _git("add", "-A", cwd=project)
     _git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "init", cwd=project)
     commit = _git("rev-parse", "HEAD", cwd=project)
     monkeypatch.chdir(project)
-    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "STABLE_SAM_RUN_GROUP"):
+    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("STABLE_SAM_RUN_GROUP", raising=False)
+    # As `ray job submit` passes it (MLflow finds no commit from pytest's main script).
+    monkeypatch.setenv("STABLE_SAM_GIT_COMMIT", commit)
 
-    occluded = write_hqseg_folder(project / "data" / "occluded", count=16)
     sam_checkpoint = random_tiny_sam_checkpoint(tmp_path / "sam_tiny.pth")
     base = write_tiny_base(project / "models" / "base", sam_checkpoint)
     paths = train_paths(project, occluded, base)
@@ -89,16 +82,18 @@ def test_mlflow_run_holds_params_metrics_dataset_checkpoint_and_model_version(
         f"tracking.registered_model={MODEL}",
     ]
     metrics = main(train_cli_args(paths, overrides))
-    expected_digest = _dvc_add_hash(occluded, tmp_path)
     assert expected_digest.endswith(".dir")
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     (run,) = client.search_runs([experiment.experiment_id])  # standalone: no parent run
     run_id = run.info.run_id
-    assert run.info.status == "FINISHED" and run.info.run_name == "train"
     tags = run.data.tags
-    assert tags["dvc.stage"] == "train" and tags["git.commit"] == commit and tags["git.dirty"] == "false"
+    assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in tags
+    # Named by what differs from the committed params.yaml (the tiny overrides).
+    assert run.info.run_name.startswith("train | ") and "train.lr=0.002" in tags["params.changed"]
+    assert tags["dvc.stage"] == "train" and tags["mlflow.source.git.commit"] == commit
+    assert tags["git.dirty"] == "false"
     assert tags["ray.run_name"].startswith("stable-sam-train-")
 
     # Params: the resolved config, flattened to dot keys, every section.
@@ -133,11 +128,8 @@ def test_mlflow_run_holds_params_metrics_dataset_checkpoint_and_model_version(
     (dataset_input,) = run.inputs.dataset_inputs
     dataset = dataset_input.dataset
     input_tags = {t.key: t.value for t in dataset_input.tags}
-    assert dataset.name == "train" and dataset.digest == expected_digest
-    assert input_tags["mlflow.data.context"] == "training" and input_tags["dvc.hash"] == expected_digest
-    assert input_tags["dvc.hash_source"] == "dvc_data"  # no dvc.lock here: hashed with DVC's own code
-    nfiles = sum(1 for f in (project / "data" / "occluded").rglob("*") if f.is_file())
-    assert f'"nfiles": {nfiles}' in dataset.profile
+    assert dataset.name == "data/occluded" and dataset.digest == expected_digest
+    assert input_tags == {"mlflow.data.context": "training", "digest.kind": "dvc"}
 
     # The plug-in checkpoint as an artifact, byte for byte, plus the stage's metrics and curve.
     artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
@@ -155,6 +147,8 @@ def test_mlflow_run_holds_params_metrics_dataset_checkpoint_and_model_version(
     assert version.tags["git.commit"] == commit
     assert version.tags["sam_checkpoint_sha256"] == file_sha256(sam_checkpoint)
     assert version.tags["checkpoint.file"] == "plugin.pt" and version.tags["dvc.stage"] == "train"
+    assert version.tags["checkpoint.sha256"] == file_sha256(paths.out / "plugin.pt")
+    assert run.data.tags["model.version"] == str(version.version)
     # ... and what it points at is a usable plug-in checkpoint.
     model = build_stable_sam(sam_type="tiny", sam_checkpoint=sam_checkpoint, plugin_checkpoint=downloaded)
     reference = torch.load(paths.out / "plugin.pt", weights_only=True)["state_dict"]
