@@ -26,7 +26,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	if [ -n "$(TORCH_PIN)" ]; then $(BIN)/pip install --quiet $(TORCH_PIN); fi
-	$(BIN)/pip install --quiet -e ".[pipeline,dev]"
+	$(BIN)/pip install --quiet -e ".[pipeline,dev,onnx]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -63,6 +63,7 @@ format: setup
 bench: setup
 	$(BIN)/python -m benchmarks.decoder_overhead
 	$(BIN)/python -m benchmarks.sweep_cache
+	$(BIN)/python -m benchmarks.onnx_decoder
 
 clean-env:
 	rm -rf $(VENV)

@@ -52,8 +52,13 @@ def default_model(*, plugin: bool = True, sam_type: str | None = None) -> tuple[
     return model.eval(), "small SAM with random weights and params.yaml's plug-ins (models/base not built)"
 
 
-def default_images(image_size: int, limit: int | None = None) -> tuple[list[PreparedImage], str]:
-    """The embedded validation split (64 images of 128 px; the first ``limit``), generated if absent."""
+def default_images(
+    image_size: int, limit: int | None = None, *, resize: str = "stretch"
+) -> tuple[list[PreparedImage], str]:
+    """The embedded validation split (64 images of 128 px; the first ``limit``), generated if absent.
+
+    ``resize``: how images reach the model frame ("stretch" or "longest_side", SAM's own).
+    """
     root = RAW_VAL
     if not (root / "im").is_dir():
         from pipeline.sources import generate_split
@@ -65,7 +70,7 @@ def default_images(image_size: int, limit: int | None = None) -> tuple[list[Prep
         where = str(root)
     dataset = open_dataset(str(root), split="val")
     images = [
-        prepare_image(dataset[i], index=i, resize="stretch", image_size=image_size)
+        prepare_image(dataset[i], index=i, resize=resize, image_size=image_size)
         for i in range(len(dataset) if limit is None else min(limit, len(dataset)))
     ]
     return images, where

@@ -1,4 +1,4 @@
-"""``stable-sam``: segment an image from the command line, or print a model's parameter counts.
+"""``stable-sam``: segment an image, print a model's parameter counts, or export its decoder to ONNX.
 
 Examples::
 
@@ -6,6 +6,8 @@ Examples::
         --sam-checkpoint sam_vit_l_0b3195.pth --plugin models/stable_sam/plugin.pt
     stable-sam predict photo.jpg --point 120,200 --point 300,40 --label 1 --label 0 ...
     stable-sam info --sam-type vit_b
+    stable-sam export-onnx --sam-type vit_l --sam-checkpoint sam_vit_l_0b3195.pth \\
+        --plugin models/stable_sam/plugin.pt --output stable_sam_vit_l.onnx
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .build import SAM_TYPES, build_stable_sam
 from .checkpoint import SamCheckpointError, read_plugin_checkpoint
 from .config import config_to_dict
 from .embedding_cache import EmbeddingCache
+from .modeling import StableSam
 from .predictor import StableSamPredictor, clip_box
 
 __all__ = ["main", "overlay_image"]
@@ -68,6 +71,31 @@ def overlay_image(
     return canvas
 
 
+def _load_model(args: argparse.Namespace, *, device: str | None = None, what: str) -> StableSam:
+    """The model of the shared flags (``--sam-type``, ``--sam-checkpoint``, ``--plugin``); errors exit."""
+    if args.plugin and not args.sam_checkpoint:
+        try:
+            stored = read_plugin_checkpoint(args.plugin)
+        except SamCheckpointError as err:
+            raise SystemExit(f"error: {err}") from None
+        raise SystemExit(
+            f"error: --plugin {args.plugin} needs --sam-checkpoint: it was trained on a {stored.sam_type} SAM "
+            f"checkpoint with sha256 {stored.sam_checkpoint_sha256}; pass that file (and --sam-type {stored.sam_type})"
+        )
+    try:
+        model = build_stable_sam(
+            sam_type=args.sam_type,
+            sam_checkpoint=args.sam_checkpoint,
+            plugin_checkpoint=args.plugin,
+            device=device,
+        )
+    except (SamCheckpointError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.sam_checkpoint is None:
+        print(f"warning: no --sam-checkpoint: SAM has RANDOM weights, {what} is meaningless", file=sys.stderr)
+    return model
+
+
 def _predict(args: argparse.Namespace) -> int:
     image_path = Path(args.image)
     try:
@@ -93,28 +121,7 @@ def _predict(args: argparse.Namespace) -> int:
             box = clip_box(np.asarray(args.box, dtype=np.float32), *image.shape[:2])
         except ValueError as err:
             raise SystemExit(f"error: --box: {err}") from None
-    if args.plugin and not args.sam_checkpoint:
-        try:
-            stored = read_plugin_checkpoint(args.plugin)
-        except SamCheckpointError as err:
-            raise SystemExit(f"error: {err}") from None
-        raise SystemExit(
-            f"error: --plugin {args.plugin} needs --sam-checkpoint: it was trained on a {stored.sam_type} SAM "
-            f"checkpoint with sha256 {stored.sam_checkpoint_sha256}; pass that file (and --sam-type {stored.sam_type})"
-        )
-    try:
-        model = build_stable_sam(
-            sam_type=args.sam_type,
-            sam_checkpoint=args.sam_checkpoint,
-            plugin_checkpoint=args.plugin,
-            device=args.device,
-        )
-    except (SamCheckpointError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    if args.sam_checkpoint is None:
-        print(
-            "warning: no --sam-checkpoint: SAM has RANDOM weights, the mask is meaningless", file=sys.stderr
-        )
+    model = _load_model(args, device=args.device, what="the mask")
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
     predictor = StableSamPredictor(model, cache=cache)
     predictor.set_image(image)
@@ -184,6 +191,109 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    """The prompt decoder as an ONNX file with segment-anything's inputs and outputs."""
+    from .onnx_export import INPUT_NAMES, OUTPUT_NAMES, export_decoder_onnx
+
+    if args.alpha1 is not None and args.no_plugin:
+        raise SystemExit("error: --alpha1 sets the plug-ins' routing weight: it cannot go with --no-plugin")
+    for flag, value in (("--output", args.output), ("--quantize-out", args.quantize_out)):
+        if value is not None and Path(value).is_dir():
+            raise SystemExit(
+                f"error: {flag} {value} is a folder; give a file name such as {value}/decoder.onnx"
+            )
+    if args.quantize_out is not None and Path(args.quantize_out).resolve() == Path(args.output).resolve():
+        raise SystemExit(f"error: --quantize-out and --output are both {args.output}; give two files")
+    model = _load_model(args, what="the exported decoder")
+    if not args.plugin and not args.no_plugin:
+        print(
+            "warning: no --plugin: the plug-ins are untrained (identity), the decoder equals SAM's",
+            file=sys.stderr,
+        )
+    try:
+        result = export_decoder_onnx(
+            model,
+            args.output,
+            opset=args.opset,
+            return_single_mask=args.return_single_mask,
+            quantize_output=args.quantize_out,
+            alpha1=args.alpha1,
+            plugins=not args.no_plugin,
+            gelu_approximate=args.gelu_approximate,
+            use_stability_score=args.use_stability_score,
+        )
+    except (ImportError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    except OSError as err:
+        raise SystemExit(
+            f"error: cannot write {err.filename or args.output}: {err.strerror or err}"
+        ) from None
+    summary = {
+        "onnx": str(result.path),
+        "quantized": None if result.quantized_path is None else str(result.quantized_path),
+        "decoder": result.variant,
+        "sam_type": model.sam_type,
+        "input_frame": model.img_size,
+        "opset": result.opset,
+        "inputs": list(INPUT_NAMES),
+        "outputs": list(OUTPUT_NAMES),
+        "max_abs_diff_vs_pytorch": result.max_abs_diff,
+        "quantized_max_abs_diff_vs_pytorch": result.quantized_max_abs_diff,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the model, shared by ``predict`` and ``export-onnx``."""
+    parser.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
+    parser.add_argument("--sam-checkpoint", help="official SAM checkpoint (sam_vit_*.pth)")
+    parser.add_argument("--plugin", help="Stable-SAM plug-in checkpoint (models/stable_sam/plugin.pt)")
+    parser.add_argument("--no-plugin", action="store_true", help="plain SAM (plug-ins off) for comparison")
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export-onnx",
+        help="the prompt decoder (plug-ins included) as an ONNX file with SAM's inputs and outputs",
+        description="Writes what segment-anything's scripts/export_onnx_model.py writes (same inputs, "
+        "outputs, dynamic axes, opset and quantisation), with the Stable-SAM plug-ins in the graph.",
+    )
+    _add_model_flags(export)
+    export.add_argument("--output", required=True, help="the .onnx file to write")
+    export.add_argument("--quantize-out", help="also write a dynamically quantised (uint8) copy here")
+    export.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset (>= 16 with the plug-ins; default 17)"
+    )
+    export.add_argument(
+        "--return-single-mask", action="store_true", help="SAM's option: return only the best mask"
+    )
+    export.add_argument(
+        "--alpha1",
+        type=_unit_float,
+        help="bake a fixed routing weight alpha = (A, 1 - A) into the file instead of DRP's (0 = SAM)",
+    )
+    export.add_argument(
+        "--gelu-approximate", action="store_true", help="SAM's option: tanh GELU (runtimes without Erf)"
+    )
+    export.add_argument(
+        "--use-stability-score",
+        action="store_true",
+        help="SAM's option: iou_predictions are the masks' stability scores",
+    )
+    export.set_defaults(func=_export_onnx)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stable-sam", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,10 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="label per --point (1 fg, 0 bg)",
     )
-    predict.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
-    predict.add_argument("--sam-checkpoint", help="official SAM checkpoint (sam_vit_*.pth)")
-    predict.add_argument("--plugin", help="Stable-SAM plug-in checkpoint (models/stable_sam/plugin.pt)")
-    predict.add_argument("--no-plugin", action="store_true", help="plain SAM (plug-ins off) for comparison")
+    _add_model_flags(predict)
     predict.add_argument("--multimask", action="store_true", help="3 candidate masks, keep the best scored")
     predict.add_argument(
         "--out-dir", default=".", help="where to write <stem>_mask.png and <stem>_overlay.png"
@@ -229,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
     info.add_argument("--plugin", help="describe this plug-in checkpoint (its SAM type, config and counts)")
     info.set_defaults(func=_info)
+    _add_export_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

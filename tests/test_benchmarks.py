@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import decoder_overhead, sweep_cache
+from benchmarks import decoder_overhead, onnx_decoder, sweep_cache
 
 
 @pytest.fixture
@@ -36,3 +36,11 @@ def test_sweep_cache_runs_the_encoder_once_per_image_and_gives_identical_records
     assert "(40 encoder passes)" in out and "(2 encoder passes)" in out  # 20 settings x 2 images, then 2
     assert "identical records: True" in out
     assert result["uncached_s"] > 0 and result["cached_s"] > 0
+
+
+def test_onnx_decoder_prints_differences_and_ratios(no_pipeline_artefacts, capsys):
+    results = onnx_decoder.main(["--iters", "2", "--models", "small"])
+    out = capsys.readouterr().out
+    assert set(results) == {"small"} and results["small"]["ratio"] > 0
+    assert results["small"]["onnx_low_res_masks"] < 1e-3  # a smoke test's guard, not a benchmark figure
+    assert "max |onnx - pytorch|" in out and "ratio onnx/pytorch" in out
