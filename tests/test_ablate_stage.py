@@ -209,6 +209,19 @@ def test_variants_are_queued_as_dvc_experiments_with_their_overrides(tmp_path):
     ]
 
 
+def test_variants_print_queues_nothing_and_unknown_names_fail(capsys, monkeypatch):
+    import pipeline.variants as variants
+
+    monkeypatch.setattr(variants.subprocess, "run", lambda *a, **k: pytest.fail("queued"))
+    assert variants.main(["--params", str(REPO / "params.yaml"), "--print", "block2_only"]) == 0
+    assert (
+        capsys.readouterr().out == "dvc exp run --queue -n block2_only -S 'plugin.placements=[\"block2\"]'\n"
+    )
+    with pytest.raises(SystemExit):
+        variants.main(["--params", str(REPO / "params.yaml"), "--print", "no_such_variant"])
+    assert "not in ablate.variants: no_such_variant" in capsys.readouterr().err
+
+
 def test_every_variant_in_params_yaml_is_a_valid_override_set():
     params = load_params(REPO / "params.yaml")
     assert len(params.ablate.variants) >= 7
