@@ -11,9 +11,9 @@ and the report can be regenerated without running a model. It writes ``reports/s
 target holds: booleans for ``dvc exp show``; the measured values are in the report). No stage
 writes README.md: it links to the report.
 
-The targets (:data:`MIN_GAIN`, :data:`GT_BOX_TOLERANCE`, :func:`effect_checks`) are the method
-spec's expectations of Stable-SAM against SAM on the headline numbers
-(:func:`pipeline.effect.effect_numbers`), in percent points.
+The targets (:data:`MIN_GAIN`, :data:`GT_BOX_TOLERANCE`, :func:`effect_checks`) live here, with
+the report that states them: what Stable-SAM should show against SAM on the headline numbers
+(:func:`pipeline.effect.effect_numbers`), in percent points. Changing one reruns the report only.
 """
 
 from __future__ import annotations
