@@ -20,7 +20,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.2
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-.PHONY: setup repro base release-base test test-fast lint format bench clean-env
+.PHONY: setup repro variants base release-base test test-fast lint format bench clean-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ setup: $(BIN)/.installed
 repro: setup
 	STABLE_SAM_RUN_GROUP=$${STABLE_SAM_RUN_GROUP:-repro-$$(date +%Y%m%d-%H%M%S)} $(BIN)/dvc repro
 	$(BIN)/dvc metrics show
+
+# The trained variants (ablate.variants in params.yaml): one DVC experiment each, queued, run one at
+# a time in temporary copies (the workspace stays as it is), then compared. Run `make repro` first
+# (the experiments take data, base and embeddings from its cache). Rerunning: `dvc exp remove NAME`.
+variants: setup
+	$(BIN)/python -m pipeline.variants
+	$(BIN)/dvc exp run --run-all --jobs 1
+	$(BIN)/dvc exp show --no-pager --only-changed
 
 # The released base SAM's own pipeline (hours on 2 CPU cores; resumable), then its release into
 # base/release/ (committed; pin the printed sha256 as sam.sha256 in params.yaml).

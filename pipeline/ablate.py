@@ -1,38 +1,39 @@
-"""Stage ``ablate``: the ablation sweeps, and the summary of the trained variants.
+"""Stage ``ablate``: the decoder-only ablation sweeps on the cached embeddings.
 
-Decoder-only sweeps (``dvc.yaml``: ``foreach: [points, alpha1]``, in the default ``dvc repro``)::
+``dvc.yaml``: ``foreach: [points, alpha1, looseness]``, in the default ``dvc repro``::
 
     python -m pipeline.ablate --sweep points --base models/base --plugin models/stable_sam \\
         --raw data/raw --embeddings data/embeddings --results reports/ablate_points.json \\
         --metrics metrics/ablate_points.json --plot plots/ablate/points.csv \\
-        --figure reports/figures/points.png --table reports/ablate_points.md
+        --figure reports/figures/points.png
 
 - ``points``: k random positive points for k in ``ablate.point_counts``, SAM and Stable-SAM,
   mIoU ± std over the prompt draws ``ablate.seeds`` (the paper's Table S6) and the learned α1 per
   k (Table S7).
 - ``alpha1``: α1 forced to each of ``ablate.alpha1_values`` for k in ``ablate.alpha1_point_counts``
   points (Table S8), the same prompts for every α1; α1 = 0 must reproduce SAM exactly, which is
-  checked on every prediction (``alpha0_equals_sam``).
+  checked on every prediction (``alpha0_equals_sam``). A checkpoint without plug-ins (LoRA,
+  adapters) has no α1 to force: the sweep says so (``applicable: false``) instead of failing.
+- ``looseness``: noisy boxes at each of ``ablate.noise_scales`` (the same draws at every scale,
+  0 = the GT box) and the click counts of the points sweep.
 
 The draws are the evaluate stage's draws (``rng([eval.seed, draw, image, prompt type])`` with
 draw in ``ablate.seeds``), so 1/3/10-point numbers agree with the evaluation. Embeddings come from
 the ``embed`` stage (read-only): a sweep costs decoder passes only.
 
-Trained variants (``variants/dvc.yaml``, not in the default ``dvc repro``): each entry of
-``ablate.variants`` (name -> {params key: value}) is trained by the ``train`` stage and evaluated by
-the ``evaluate`` stage with ``--variant NAME``; this module's ``--sweep variants`` collects them
-into one table::
+Outputs, JSON, CSV and a figure (the ``report`` stage renders the tables): the full results
+(``reports/ablate_<sweep>.json``), the curve as DVC plot data (``plots/ablate/<sweep>.csv``, drawn by
+the top-level ``plots:`` of ``dvc.yaml``), a figure, and a few summary numbers as DVC metrics
+(:func:`summary_metrics`). Wall times go to MLflow and the log only.
 
-    python -m pipeline.ablate --sweep variants --results variants/results \\
-        --reference reports/evaluation.json --reference-train metrics/train.json \\
-        --table variants/summary.md --metrics variants/summary.json
+The trained variants (``ablate.variants``) are DVC experiments of the whole pipeline, not a sweep
+here: see :mod:`pipeline.variants`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -43,16 +44,14 @@ from typing import Any
 from stable_sam.embedding_cache import ReadOnlyEmbeddingCache
 from stable_sam.evaluation import summarize
 
-from .embed import hq_chunks, hq_sets, set_threads
-from .evaluate import BASELINE, MODEL, ModelPass, embed_pass, evaluate_pass, model_passes
+from .effect import BASELINE, MODEL, prompt_label, rounded
+from .eval_inputs import ModelPass, embed_pass, evaluate_pass, hq_chunks, hq_sets, model_passes, set_threads
 from .params import Params, load_params
 from .raw_data import read_raw_manifest
-from .readme_table import write_text_atomic
-from .report import alpha1_markdown, looseness_markdown, points_markdown, variants_markdown
 from .sam_source import write_json_atomic
 from .stage_cli import stage_argument_parser
 
-__all__ = ["SWEEPS", "SweepPaths", "VariantsPaths", "main", "run", "summarize_variants"]
+__all__ = ["SWEEPS", "SweepPaths", "main", "run", "summary_metrics"]
 
 logger = logging.getLogger("pipeline.ablate")
 
@@ -66,10 +65,9 @@ class SweepPaths:
     raw: Path  # data/raw
     embeddings: Path  # data/embeddings
     results: Path  # reports/ablate_<sweep>.json (full results)
-    metrics: Path  # metrics/ablate_<sweep>.json (the curve's numbers, for DVC)
+    metrics: Path  # metrics/ablate_<sweep>.json (summary numbers, for DVC)
     plot: Path  # plots/ablate/<sweep>.csv (DVC plot data)
     figure: Path | None = None  # reports/figures/<sweep>.png
-    table: Path | None = None  # reports/ablate_<sweep>.md
 
 
 def _alpha_name(value: float) -> str:
@@ -144,6 +142,17 @@ def _save_figure(fig: Any, path: Path | None) -> list[str]:
     return [str(path)]
 
 
+def _common(
+    params: Params, images: dict[str, int], how: str, cache: ReadOnlyEmbeddingCache
+) -> dict[str, Any]:
+    return {
+        "draws": list(params.ablate.seeds),
+        "images": images,
+        "baseline": how,
+        "embedding_cache_hits": cache.hits,
+    }
+
+
 def _points(params: Params, paths: SweepPaths) -> dict[str, Any]:
     counts = list(params.ablate.point_counts)
     kinds = [f"point_{k}" for k in counts]
@@ -180,37 +189,13 @@ def _points(params: Params, paths: SweepPaths) -> dict[str, Any]:
     return {
         "sweep": "points",
         "points": points,
-        "draws": list(params.ablate.seeds),
-        "images": images,
-        "baseline": how,
-        "embedding_cache_hits": cache.hits,
+        **_common(params, images, how, cache),
         "figures": _save_figure(fig, paths.figure),
     }
 
 
-def _alpha1(params: Params, paths: SweepPaths) -> dict[str, Any]:
-    values = list(dict.fromkeys(float(v) for v in params.ablate.alpha1_values))
-    kinds = [f"point_{k}" for k in params.ablate.alpha1_point_counts]
-
-    def forced(p: ModelPass) -> dict[str, Callable[[], Any]]:
-        if not p.model.sites:
-            raise ValueError("the alpha1 sweep needs a model with plug-ins (plugin.variant != 'none')")
-        settings = {_alpha_name(v): (lambda v=v: p.model.forced_alpha1(v)) for v in values}
-        if 0.0 not in values:
-            settings[_alpha_name(0.0)] = lambda: p.model.forced_alpha1(0.0)  # for the SAM check
-        return settings
-
-    records, images, how, cache = _sweep_records(params, paths, kinds=kinds, extra_settings=forced)
-    summary = summarize(records)
-    curves = {
-        kind: {
-            "forced": {f"{v:g}": _figures(summary.get(_alpha_name(v), {}), kind) for v in values},
-            "learned": _figures(summary.get(MODEL, {}), kind),
-            BASELINE: _figures(summary.get(BASELINE, {}), kind),
-        }
-        for kind in kinds
-    }
-    # α1 = 0 must give SAM's predictions exactly: compare every record's IoU and boundary IoU.
+def _alpha0_check(records: Sequence[dict[str, Any]]) -> tuple[bool, float]:
+    """Whether α1 = 0 gives SAM's predictions exactly: every record's IoU and boundary IoU."""
     key = ("dataset", "image", "kind", "draw")
     sam = {tuple(r[k] for k in key): r for r in records if r["setting"] == BASELINE and r["draw"] >= 0}
     zero = [r for r in records if r["setting"] == _alpha_name(0.0) and r["draw"] >= 0]
@@ -222,9 +207,39 @@ def _alpha1(params: Params, paths: SweepPaths) -> dict[str, Any]:
         for r in zero
     ]
     max_diff = float(max(diffs)) if diffs else float("nan")
-    equal = bool(diffs) and bool(max_diff == 0.0)
-    if not equal:
+    return bool(diffs) and bool(max_diff == 0.0), max_diff
+
+
+def _alpha1(params: Params, paths: SweepPaths) -> dict[str, Any]:
+    values = list(dict.fromkeys(float(v) for v in params.ablate.alpha1_values))
+    kinds = [f"point_{k}" for k in params.ablate.alpha1_point_counts]
+    plugged: list[bool] = []
+
+    def forced(p: ModelPass) -> dict[str, Callable[[], Any]]:
+        plugged.append(bool(p.model.sites))
+        if not p.model.sites:  # LoRA / adapter checkpoints: no routing weight to force
+            return {}
+        settings = {_alpha_name(v): (lambda v=v: p.model.forced_alpha1(v)) for v in values}
+        if 0.0 not in values:
+            settings[_alpha_name(0.0)] = lambda: p.model.forced_alpha1(0.0)  # for the SAM check
+        return settings
+
+    records, images, how, cache = _sweep_records(params, paths, kinds=kinds, extra_settings=forced)
+    applicable = all(plugged)
+    summary = summarize(records)
+    curves = {
+        kind: {
+            "forced": {f"{v:g}": _figures(summary.get(_alpha_name(v), {}), kind) for v in values},
+            "learned": _figures(summary.get(MODEL, {}), kind),
+            BASELINE: _figures(summary.get(BASELINE, {}), kind),
+        }
+        for kind in kinds
+    }
+    equal, max_diff = _alpha0_check(records) if applicable else (None, None)
+    if applicable and not equal:
         logger.warning("alpha1 = 0 differs from SAM (max |ΔIoU| %.3g): %s", max_diff, how)
+    if not applicable:
+        logger.warning("the checkpoint has no plug-ins: no α1 to force, the alpha1 sweep does not apply")
     rows = []
     for v in values:
         row: dict[str, Any] = {"alpha1": v}
@@ -236,8 +251,6 @@ def _alpha1(params: Params, paths: SweepPaths) -> dict[str, Any]:
     _write_plot(paths.plot, rows)
     from stable_sam.visualize import sweep_figure
 
-    from .readme_table import prompt_label
-
     fig = sweep_figure(
         values,
         {prompt_label(k): ([r[k] for r in rows], [r[f"{k}_std"] for r in rows]) for k in kinds},
@@ -247,14 +260,12 @@ def _alpha1(params: Params, paths: SweepPaths) -> dict[str, Any]:
     )
     return {
         "sweep": "alpha1",
+        "applicable": applicable,
         "alpha1_values": values,
         "alpha1": curves,
         "alpha0_equals_sam": equal,
         "alpha0_max_abs_diff": max_diff,
-        "draws": list(params.ablate.seeds),
-        "images": images,
-        "baseline": how,
-        "embedding_cache_hits": cache.hits,
+        **_common(params, images, how, cache),
         "figures": _save_figure(fig, paths.figure),
     }
 
@@ -273,11 +284,11 @@ def _looseness(params: Params, paths: SweepPaths) -> dict[str, Any]:
 
     boxes = curve([f"noisy_box@{v:g}" for v in scales])
     clicks = curve([f"point_{k}" for k in counts])
+    # The plot data is the box-noise curve; the clicks curve is the points sweep's (same draws).
     rows = [
-        {"axis": axis, "x": x, **{f"{s}{suffix}": figs[s][i].get(key) for s in (BASELINE, MODEL)
-                                  for suffix, key in (("", "miou"), ("_std", "miou_std"))}}
-        for axis, xs, figs in (("box_noise", scales, boxes), ("clicks", counts, clicks))
-        for i, x in enumerate(xs)
+        {"noise_scale": x, **{f"{s}{suffix}": boxes[s][i].get(key) for s in (BASELINE, MODEL)
+                              for suffix, key in (("", "miou"), ("_std", "miou_std"))}}
+        for i, x in enumerate(scales)
     ]  # fmt: skip
     _write_plot(paths.plot, rows)
     from stable_sam.visualize import looseness_figure
@@ -295,241 +306,104 @@ def _looseness(params: Params, paths: SweepPaths) -> dict[str, Any]:
         "point_counts": counts,
         "box_noise": {f"{v:g}": {s: boxes[s][i] for s in (BASELINE, MODEL)} for i, v in enumerate(scales)},
         "clicks": {str(k): {s: clicks[s][i] for s in (BASELINE, MODEL)} for i, k in enumerate(counts)},
-        "draws": list(params.ablate.seeds),
-        "images": images,
-        "baseline": how,
-        "embedding_cache_hits": cache.hits,
+        **_common(params, images, how, cache),
         "figures": _save_figure(fig, paths.figure),
     }
 
 
-def _compact(results: dict[str, Any]) -> dict[str, Any]:
-    """The curve's numbers for ``dvc metrics``: mIoU (± std) per sweep value, α1, the α1 = 0 check."""
-    if results["sweep"] == "looseness":
-        return {
-            axis: {x: {s: v[s].get("miou") for s in (BASELINE, MODEL)} for x, v in results[axis].items()}
-            for axis in ("box_noise", "clicks")
-        }
+def _mean_miou(by_x: dict[str, Any]) -> dict[str, float | None]:
+    """Per setting, the mean mIoU over a curve's points (None when a point has no value)."""
+    out: dict[str, float | None] = {}
+    for s in (BASELINE, MODEL):
+        values = [v.get(s, {}).get("miou") for v in by_x.values()]
+        out[s] = None if not values or None in values else rounded(sum(values) / len(values))
+    return out
+
+
+def summary_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """A sweep's few numbers for ``dvc metrics``/``dvc exp show`` (its curve is in the plot CSV).
+
+    points: the mean mIoU over the point counts; looseness: the mean mIoU over the box noise
+    scales (per model); alpha1: whether α1 = 0 reproduces SAM, and the largest difference.
+    """
     if results["sweep"] == "points":
-        return {
-            "points": {
-                k: {
-                    "sam": v[BASELINE].get("miou"),
-                    "sam_std": v[BASELINE].get("miou_std"),
-                    "stable_sam": v[MODEL].get("miou"),
-                    "stable_sam_std": v[MODEL].get("miou_std"),
-                    "alpha1": v[MODEL].get("alpha1"),
-                }
-                for k, v in results["points"].items()
-            },
-            "seconds": results.get("seconds"),
-        }
+        return {"mean_miou": _mean_miou(results["points"])}
+    if results["sweep"] == "looseness":
+        return {"box_noise_mean_miou": _mean_miou(results["box_noise"])}
     return {
-        "alpha1": {
-            kind: {
-                **{f"forced_{a}": f.get("miou") for a, f in curve["forced"].items()},
-                "learned": curve["learned"].get("miou"),
-                "learned_alpha1": curve["learned"].get("alpha1"),
-                "sam": curve[BASELINE].get("miou"),
-            }
-            for kind, curve in results["alpha1"].items()
-        },
         "alpha0_equals_sam": results["alpha0_equals_sam"],
-        "seconds": results.get("seconds"),
+        "alpha0_max_abs_diff": results["alpha0_max_abs_diff"],
     }
+
+
+# The x column of each sweep's plot CSV, and the factor that makes it an MLflow step (an integer).
+_PLOT_X = {"points": ("points", 1), "alpha1": ("alpha1", 100), "looseness": ("noise_scale", 100)}
+
+
+def _log(tracker: Any, sweep: str, paths: SweepPaths, results: dict[str, Any], seconds: float) -> None:
+    """The curve as an MLflow series (step = the sweep value), the summary, figure and files."""
+    x, scale = _PLOT_X[sweep]
+    with open(paths.plot, newline="") as f:
+        rows = [
+            {k: float(v) if v not in ("", None) else None for k, v in r.items()} for r in csv.DictReader(f)
+        ]
+    tracker.log_metrics_series(
+        [
+            {"step": round(r[x] * scale), **{k: v for k, v in r.items() if k != x and v is not None}}
+            for r in rows
+        ]
+    )
+    summary = {k: float(v) if isinstance(v, bool) else v for k, v in summary_metrics(results).items()}
+    tracker.log_metrics({**summary, "seconds": seconds})
+    for f in results["figures"]:
+        tracker.log_figure(f)
+    for path in (paths.results, paths.metrics, paths.plot):
+        tracker.log_artifact(path, artifact_path="ablate")
 
 
 def run(params: Params, paths: SweepPaths, *, sweep: str, tracker: Any = None) -> dict[str, Any]:
-    """Run one decoder-only sweep; write its metrics, plot data, figure and table."""
+    """Run one decoder-only sweep; write its results, summary metrics, plot data and figure.
+
+    Returns the results plus ``seconds`` (the wall time, which no output holds).
+    """
     if sweep not in SWEEPS:
-        raise ValueError(f"unknown sweep {sweep!r}; choose from {SWEEPS} (or 'variants')")
+        raise ValueError(f"unknown sweep {sweep!r}; choose from {SWEEPS}")
     set_threads(params.eval.threads)
     started = time.perf_counter()
-    metrics = {"points": _points, "alpha1": _alpha1, "looseness": _looseness}[sweep](params, paths)
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
-    write_json_atomic(paths.results, metrics)
-    write_json_atomic(paths.metrics, _compact(metrics))
-    if paths.table is not None:
-        tables = {"points": points_markdown, "alpha1": alpha1_markdown, "looseness": looseness_markdown}
-        write_text_atomic(paths.table, tables[sweep](metrics))
-    logger.info("sweep %s: %s images in %.1f s", sweep, metrics["images"], metrics["seconds"])
+    results = {"points": _points, "alpha1": _alpha1, "looseness": _looseness}[sweep](params, paths)
+    write_json_atomic(paths.results, results)
+    write_json_atomic(paths.metrics, summary_metrics(results))
+    seconds = round(time.perf_counter() - started, 2)
+    logger.info("sweep %s: %s images in %.1f s", sweep, results["images"], seconds)
     if tracker is not None:
-        if sweep != "looseness":  # its figure and CSV are the record (two x axes, no one series)
-            with open(paths.plot, newline="") as f:
-                rows = [
-                    {k: float(v) if v not in ("", None) else None for k, v in r.items()}
-                    for r in csv.DictReader(f)
-                ]
-            x = "points" if sweep == "points" else "alpha1"
-            # Curves as MLflow series: the step is the sweep value (α1 in hundredths).
-            scale = 1 if sweep == "points" else 100
-            tracker.log_metrics_series(
-                [
-                    {"step": round(r[x] * scale), **{k: v for k, v in r.items() if k != x and v is not None}}
-                    for r in rows
-                ]
-            )
-        if sweep == "alpha1":
-            tracker.log_metrics({"alpha0_equals_sam": float(metrics["alpha0_equals_sam"])})
-        for f in metrics["figures"]:
-            tracker.log_figure(f)
-        for path in (paths.results, paths.metrics, paths.plot, paths.table):
-            if path is not None:
-                tracker.log_artifact(path, artifact_path="ablate")
-    return metrics
-
-
-# ------------------------------------------------------------------------------------------------
-# Trained variants
-
-
-@dataclass(frozen=True)
-class VariantsPaths:
-    results: Path  # variants/results: <name>/train.json and <name>/evaluation.json per variant
-    reference: Path  # reports/evaluation.json (SAM and the full Stable-SAM of the main pipeline)
-    table: Path  # variants/summary.md
-    metrics: Path  # variants/summary.json
-    reference_train: Path | None = None  # metrics/train.json
-
-
-def _row(evaluation: dict[str, Any], setting: str) -> dict[str, Any]:
-    mean = evaluation.get("mean", {}).get(setting, {})
-    coco = [e[setting] for e in evaluation.get("coco", {}).values() if setting in e]
-    row: dict[str, Any] = {
-        "coco_map": sum(c["map"] for c in coco) / len(coco) if coco else None,
-        "coco_map50": sum(c["map50"] for c in coco) / len(coco) if coco else None,
-    }
-    for kind in ("noisy_box", "point_1", "gt_box"):
-        for key in ("miou", "mbiou", "st"):
-            row[f"{kind}_{key}"] = mean.get(kind, {}).get(key)
-    bypassed = evaluation.get("embedding_cache", {}).get("bypassed", [])
-    row["cache"] = "bypassed (encoder tuned)" if any(setting in b for b in bypassed) else "shared"
-    return row
-
-
-def _overrides_text(overrides: dict[str, Any]) -> str:
-    """``{"plugin.placements": ["block2"], "train.lsj": False}`` -> ``plugin.placements=[block2] train.lsj=false``."""
-
-    def text(value: Any) -> str:
-        if isinstance(value, bool):
-            return str(value).lower()
-        if value is None:
-            return "null"
-        if isinstance(value, (list, tuple)):
-            return "[" + ",".join(text(v) for v in value) + "]"
-        return str(value)
-
-    return " ".join(f"{key}={text(value)}" for key, value in overrides.items())
-
-
-def summarize_variants(params: Params, paths: VariantsPaths, *, tracker: Any = None) -> dict[str, Any]:
-    """One table: SAM, the full Stable-SAM and every trained variant of ``ablate.variants``."""
-    reference = json.loads(paths.reference.read_text())
-    reference_train = (
-        json.loads(paths.reference_train.read_text())
-        if paths.reference_train is not None and paths.reference_train.is_file()
-        else {}
-    )
-    variants: dict[str, dict[str, Any]] = {
-        "sam": {"label": "SAM", **_row(reference, BASELINE), "trainable_parameters": 0},
-        "stable_sam": {
-            "label": "Stable-SAM (DSP + DRP)",
-            **_row(reference, MODEL),
-            "trainable_parameters": reference_train.get("trainable_parameters"),
-            "train_seconds": reference_train.get("fit_seconds"),
-        },
-    }
-    missing = []
-    for name, overrides in params.ablate.variants.items():
-        folder = paths.results / name
-        if not (folder / "evaluation.json").is_file():
-            missing.append(name)
-            continue
-        evaluation = json.loads((folder / "evaluation.json").read_text())
-        train = json.loads((folder / "train.json").read_text()) if (folder / "train.json").is_file() else {}
-        variants[name] = {
-            "label": name,
-            "overrides": _overrides_text(overrides),
-            **_row(evaluation, MODEL),
-            "trainable_parameters": train.get("trainable_parameters"),
-            "train_seconds": train.get("fit_seconds"),
-            "evaluate_seconds": evaluation.get("seconds", {}).get("total"),
-        }
-    if missing:
-        logger.warning("variants without results in %s: %s", paths.results, missing)
-    summary = {"variants": variants, "missing": missing}
-    write_json_atomic(paths.metrics, summary)
-    write_text_atomic(
-        paths.table,
-        "# Stable-SAM variants\n\n"
-        + variants_markdown(summary)
-        + "\nSAM and Stable-SAM (DSP + DRP) come from the main pipeline's evaluate stage; each variant "
-        "is trained by the same train stage and evaluated by the same evaluate stage with its overrides "
-        "(`dvc repro variants/dvc.yaml`). Values in percent; train s = wall time of the Ray fit.\n",
-    )
-    if tracker is not None:
-        tracker.log_metrics(
-            {
-                name: {k: v for k, v in row.items() if isinstance(v, (int, float))}
-                for name, row in variants.items()
-            }
-        )
-        tracker.log_artifact(paths.table, artifact_path="variants")
-        tracker.log_artifact(paths.metrics, artifact_path="variants")
-    return summary
+        _log(tracker, sweep, paths, results, seconds)
+    return {**results, "seconds": seconds}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = stage_argument_parser("Ablation sweeps and the trained-variants summary (stage 'ablate').")
-    parser.add_argument("--sweep", required=True, choices=[*SWEEPS, "variants"])
-    for name in ("--base", "--plugin", "--raw", "--embeddings", "--plot", "--figure", "--table"):
-        parser.add_argument(name, type=Path, default=None)
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
-    parser.add_argument(
-        "--results",
-        type=Path,
-        required=True,
-        help="full results JSON (variants: the per-variant results folder)",
-    )
-    parser.add_argument("--reference", type=Path, default=None, help="variants: reports/evaluation.json")
-    parser.add_argument("--reference-train", type=Path, default=None, help="variants: metrics/train.json")
+    parser = stage_argument_parser("Decoder-only ablation sweeps (stage 'ablate').")
+    parser.add_argument("--sweep", required=True, choices=SWEEPS)
+    for name, help_text in [
+        ("--base", "base model folder (sam.json)"),
+        ("--plugin", "plug-in folder (plugin.pt)"),
+        ("--raw", "raw-data folder with manifest.json"),
+        ("--embeddings", "embedding cache folder (embed stage)"),
+        ("--results", "full results JSON"),
+        ("--metrics", "summary metrics JSON (for DVC)"),
+        ("--plot", "the curve's CSV (DVC plot data)"),
+    ]:
+        parser.add_argument(name, type=Path, required=True, help=help_text)
+    parser.add_argument("--figure", type=Path, default=None, help="PNG figure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)
-    if args.sweep == "variants":
-        needed = {"--reference": args.reference, "--table": args.table}
-    else:
-        needed = {
-            "--base": args.base,
-            "--plugin": args.plugin,
-            "--raw": args.raw,
-            "--embeddings": args.embeddings,
-            "--plot": args.plot,
-        }
-    absent = [k for k, v in needed.items() if v is None]
-    if absent:
-        parser.error(f"--sweep {args.sweep} needs {', '.join(absent)}")
+    paths = SweepPaths(
+        args.base, args.plugin, args.raw, args.embeddings, args.results, args.metrics, args.plot, args.figure
+    )
     from .tracking import stage_run
 
-    stage = "ablate_variants" if args.sweep == "variants" else "ablate"
-    with stage_run(stage, params, params_path=Path(args.params)) as tracker:
+    with stage_run("ablate", params, params_path=Path(args.params)) as tracker:
         tracker.set_tags({"ablate.sweep": args.sweep})
-        if args.sweep == "variants":
-            paths = VariantsPaths(
-                args.results, args.reference, args.table, args.metrics, args.reference_train
-            )
-            return summarize_variants(params, paths, tracker=tracker)
-        paths = SweepPaths(
-            args.base,
-            args.plugin,
-            args.raw,
-            args.embeddings,
-            args.results,
-            args.metrics,
-            args.plot,
-            args.figure,
-            args.table,
-        )
         return run(params, paths, sweep=args.sweep, tracker=tracker)
 
 

@@ -75,7 +75,7 @@ def stage_argument_parser(description: str, *, prog: str | None = None) -> argpa
         default=[],
         type=_variant_argument,
         metavar="NAME",
-        help="apply the trained variant ablate.variants.NAME of the params file (variants/dvc.yaml)",
+        help="apply the trained variant ablate.variants.NAME of the params file (what `make variants` queues as -S values)",
     )
     parser.add_argument(
         "--set",

@@ -434,7 +434,10 @@ def run(
         "images_per_s": round(history[-1]["images_per_s"], 2),
         "workers": scaling.num_workers,
     }
-    write_json_atomic(paths.metrics, metrics)
+    # Wall times go to MLflow only: DVC's files hold what a rerun reproduces (git stays clean).
+    write_json_atomic(
+        paths.metrics, {k: v for k, v in metrics.items() if k not in ("fit_seconds", "images_per_s")}
+    )
     _write_curve(paths.plot, history)
     if tracker is not None:
         tracker.log_metrics_series(history, step_key="step")
@@ -447,7 +450,8 @@ def _write_curve(path: Path, history: list[dict[str, float]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "bce", "dice", "alpha1", "images_per_s"])
+        fields = ["step", "loss", "bce", "dice", "alpha1"]  # (throughput: MLflow's curve)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
     tmp.replace(path)

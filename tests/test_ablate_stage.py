@@ -1,4 +1,4 @@
-"""The ablate stage (run): the points and α1 sweeps, the encoder budget, the variants summary."""
+"""The ablate stage (run): the points, α1 and looseness sweeps, the encoder budget; the variants recipe."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 from test_evaluate_stage import N_IMAGES, EncoderCounter, eval_paths, make_project, tiny_params
 
-from pipeline.ablate import SweepPaths, VariantsPaths, summarize_variants
+from pipeline.ablate import SweepPaths, summary_metrics
 from pipeline.ablate import run as ablate
 from pipeline.embed import EmbedPaths
 from pipeline.embed import run as embed
 from pipeline.evaluate import run as evaluate
 from pipeline.params import Variant, load_params
+from pipeline.variants import queue_command, set_params
 from stable_sam.build import build_stable_sam
+from stable_sam.config import PluginConfig, TuningConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +52,6 @@ def _sweep_paths(project: dict[str, Path], out: Path, sweep: str) -> SweepPaths:
         metrics=out / f"ablate_{sweep}.json",
         plot=out / f"{sweep}.csv",
         figure=out / f"{sweep}.png",
-        table=out / f"{sweep}.md",
     )
 
 
@@ -99,7 +100,13 @@ def test_points_sweep_reuses_the_evaluation_draws(stages):
     assert set(rows[0]) == {"points", "sam", "sam_std", "stable_sam", "stable_sam_std", "alpha1"}
     assert float(rows[0]["sam"]) == pytest.approx(points["1"]["sam"]["miou"], abs=1e-3)
     assert (stages["root"] / "points.png").stat().st_size > 0
-    assert "| SAM |" in (stages["root"] / "points.md").read_text()
+    assert not list(stages["root"].glob("*.md"))  # the report stage alone renders markdown
+    summary = json.loads((stages["root"] / "ablate_points.json").read_text())
+    assert summary == summary_metrics(stages["points"])
+    assert summary["mean_miou"]["stable_sam"] == pytest.approx(
+        sum(points[k]["stable_sam"]["miou"] for k in points) / len(points), abs=1e-4
+    )
+    assert "seconds" not in json.loads((stages["root"] / "ablate_points_full.json").read_text())
 
 
 def test_alpha1_zero_is_sam_and_the_curve_moves(stages):
@@ -113,7 +120,11 @@ def test_alpha1_zero_is_sam_and_the_curve_moves(stages):
         rows = list(csv.DictReader(f))
     assert [float(r["alpha1"]) for r in rows] == [0.0, 0.5, 1.0]
     assert set(rows[0]) == {"alpha1", "point_1", "point_1_std", "point_10", "point_10_std"}
-    assert "α1 = 0 reproduces SAM exactly" in (stages["root"] / "alpha1.md").read_text()
+    assert sweep["applicable"] is True
+    assert json.loads((stages["root"] / "ablate_alpha1.json").read_text()) == {
+        "alpha0_equals_sam": True,
+        "alpha0_max_abs_diff": 0.0,
+    }
 
 
 def test_looseness_sweep_spans_gt_box_to_loose_boxes_and_the_click_counts(stages):
@@ -131,11 +142,18 @@ def test_looseness_sweep_spans_gt_box_to_loose_boxes_and_the_click_counts(stages
         )
     with open(stages["root"] / "looseness.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["axis"], float(r["x"])) for r in rows] == [
-        ("box_noise", 0.0), ("box_noise", 0.4), ("clicks", 1.0), ("clicks", 3.0), ("clicks", 10.0)
-    ]  # fmt: skip
+    # The plot data is the box-noise curve (the clicks curve is the points sweep's CSV).
+    assert [float(r["noise_scale"]) for r in rows] == [0.0, 0.4]
+    assert set(rows[0]) == {"noise_scale", "sam", "sam_std", "stable_sam", "stable_sam_std"}
+    assert float(rows[1]["stable_sam"]) == pytest.approx(
+        sweep["box_noise"]["0.4"]["stable_sam"]["miou"], abs=1e-3
+    )
     assert (stages["root"] / "looseness.png").stat().st_size > 0
-    assert "box noise scale" in (stages["root"] / "looseness.md").read_text()
+    summary = json.loads((stages["root"] / "ablate_looseness.json").read_text())
+    assert set(summary) == {"box_noise_mean_miou"} and set(summary["box_noise_mean_miou"]) == {
+        "sam",
+        "stable_sam",
+    }
 
 
 def test_unknown_sweep_is_refused(stages):
@@ -149,52 +167,61 @@ def test_unknown_sweep_is_refused(stages):
         )
 
 
-def _fake_evaluation(noisy: float, *, bypassed: list[str] | None = None) -> dict:
-    figures = {"miou": noisy, "mbiou": noisy - 10, "st": noisy - 5}
-    mean = {s: {k: dict(figures) for k in ("noisy_box", "point_1", "gt_box")} for s in ("sam", "stable_sam")}
-    mean["sam"]["noisy_box"]["miou"] = 30.0
-    coco = {"embedded": {"sam": {"map": 10.0, "map50": 20.0}, "stable_sam": {"map": 12.0, "map50": 25.0}}}
-    return {
-        "mean": mean,
-        "coco": coco,
-        "embedding_cache": {"bypassed": bypassed or []},
-        "seconds": {"total": 3.0},
+def test_alpha1_sweep_of_a_checkpoint_without_plug_ins_says_it_does_not_apply(tmp_path):
+    project = make_project(
+        tmp_path / "p",
+        plugin=PluginConfig(variant="none"),
+        tuning=TuningConfig(encoder="lora", decoder="prediction_head"),
+    )
+    params = _params()
+    params.ablate.alpha1_point_counts = [1]
+    embed(params, EmbedPaths(project["base"], project["raw"], tmp_path / "embeddings", tmp_path / "e.json"))
+    project["root"] = tmp_path
+    sweep = ablate(params, _sweep_paths(project, tmp_path, "alpha1"), sweep="alpha1")
+    assert sweep["applicable"] is False and sweep["alpha0_equals_sam"] is None
+    assert sweep["alpha1"]["point_1"]["forced"]["0"] == {}  # nothing forced
+    assert sweep["alpha1"]["point_1"]["sam"]["miou"] >= 0.0  # the reference is still measured
+    assert json.loads((tmp_path / "ablate_alpha1.json").read_text()) == {
+        "alpha0_equals_sam": None,
+        "alpha0_max_abs_diff": None,
     }
+    with open(tmp_path / "alpha1.csv", newline="") as f:
+        assert {r["point_1"] for r in csv.DictReader(f)} == {""}
+    assert (tmp_path / "alpha1.png").stat().st_size > 0
 
 
-def test_variants_summary_table(tmp_path):
-    params = _params(
-        variants={
-            "lora": {"tuning.encoder": "lora", "plugin.variant": "none"},
-            "gone": {"train.lsj": False},
-        }
-    )
-    results = tmp_path / "results"
-    (results / "lora").mkdir(parents=True)
-    (results / "lora" / "evaluation.json").write_text(
-        json.dumps(_fake_evaluation(55.0, bypassed=["stable_sam: encoder tuned (lora), 4 images embedded"]))
-    )
-    (results / "lora" / "train.json").write_text(
-        json.dumps({"trainable_parameters": 1234, "fit_seconds": 42.0})
-    )
-    (tmp_path / "evaluate.json").write_text(json.dumps(_fake_evaluation(60.0)))
-    paths = VariantsPaths(
-        results, tmp_path / "evaluate.json", tmp_path / "summary.md", tmp_path / "summary.json"
-    )
-    summary = summarize_variants(params, paths)
-    assert list(summary["variants"]) == ["sam", "stable_sam", "lora"]
-    assert summary["missing"] == ["gone"]
-    lora = summary["variants"]["lora"]
+def test_variants_are_queued_as_dvc_experiments_with_their_overrides(tmp_path):
+    """What `dvc exp run -S` writes into params.yaml (DVC's own Hydra code) is the variant."""
+    from dvc.utils.hydra import apply_overrides
+
+    variants = load_params(REPO / "params.yaml").ablate.variants
+    for name, overrides in variants.items():
+        command = queue_command(name, overrides)
+        assert command[1:8] == ["-m", "dvc", "exp", "run", "--queue", "-n", name]
+        assert command[8::2] == ["-S"] * len(overrides) and command[9::2] == set_params(overrides)
+        edited = tmp_path / f"{name}.yaml"
+        edited.write_text((REPO / "params.yaml").read_text())
+        apply_overrides(edited, set_params(overrides))
+        assert load_params(edited) == load_params(REPO / "params.yaml", [Variant(name)]), name
+    # JSON values keep their types through the override grammar: a string stays a string.
+    assert set_params({"plugin.routing": "fixed", "plugin.placements": ["block2"], "train.lsj": False}) == [
+        'plugin.routing="fixed"',
+        'plugin.placements=["block2"]',
+        "train.lsj=false",
+    ]
+
+
+def test_variants_print_queues_nothing_and_unknown_names_fail(capsys, monkeypatch):
+    import pipeline.variants as variants
+
+    monkeypatch.setattr(variants.subprocess, "run", lambda *a, **k: pytest.fail("queued"))
+    assert variants.main(["--params", str(REPO / "params.yaml"), "--print", "block2_only"]) == 0
     assert (
-        lora["noisy_box_miou"] == 55.0 and lora["coco_map"] == 12.0 and lora["trainable_parameters"] == 1234
+        capsys.readouterr().out == "dvc exp run --queue -n block2_only -S 'plugin.placements=[\"block2\"]'\n"
     )
-    assert (
-        lora["cache"].startswith("bypassed")
-        and lora["overrides"] == "tuning.encoder=lora plugin.variant=none"
-    )
-    assert summary["variants"]["sam"]["noisy_box_miou"] == 30.0
-    table = (tmp_path / "summary.md").read_text()
-    assert "| lora |" in table and "| SAM |" in table and "1234" in table
+    with pytest.raises(SystemExit):
+        variants.main(["--params", str(REPO / "params.yaml"), "--print", "no_such_variant"])
+    assert "not in ablate.variants: no_such_variant" in capsys.readouterr().err
 
 
 def test_every_variant_in_params_yaml_is_a_valid_override_set():

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.readme_table import write_text_atomic as readme_write_text
 from pipeline.sam_source import SamSource, write_json_atomic, write_sam_source
 from pipeline.sources.embedded import _atomic_write_bytes as embedded_write
 from pipeline.synthesize import _atomic_bytes as synthesize_write
@@ -39,7 +38,7 @@ def test_every_atomic_writer_gives_the_umask_mode(tmp_path, umask, tiny_model):
     write_sam_source(tmp_path / "base", SamSource("tiny", str(checkpoint), "0" * 64, "trained"))
     written += [checkpoint, tmp_path / "base" / "sam.json"]
     write_json_atomic(tmp_path / "metrics" / "m.json", {"a": 1})
-    readme_write_text(tmp_path / "reports" / "t.md", "| a |\n")
+    write_text_atomic(tmp_path / "reports" / "t.md", "| a |\n")
     write_text_atomic(tmp_path / "reports" / "u.md", "α\n")
     embedded_write(tmp_path / "im" / "x.jpg", b"jpeg")
     synthesize_write(tmp_path / "im" / "y.jpg", b"jpeg")

@@ -323,7 +323,7 @@ def test_every_variant_is_checked_at_load(tmp_path, variants, message):
 def test_shell_syntax_in_a_variant_value_stays_a_literal_and_runs_nothing(tmp_path):
     path = _params_with_variants(tmp_path, {"odd": {"tracking.experiment": "x; touch pwned"}})
     assert load_params(path, [Variant("odd")]).tracking.experiment == "x; touch pwned"
-    # Through a stage command line, as variants/dvc.yaml runs it, and with a name that is not one.
+    # Through a stage command line (--variant NAME), and with a name that is not one.
     code = (
         "import sys; from pipeline.stage_cli import stage_argument_parser; "
         "args = stage_argument_parser('t').parse_args(sys.argv[1:]); print(args.overrides)"
@@ -349,7 +349,7 @@ def test_params_yaml_variant_names_are_identifiers():
 def test_dvc_commands_interpolate_no_params_but_validated_names():
     """Only ``${key}`` of a foreach over ablate.variants (names checked at load), or ``${item}`` of a
     foreach over a literal list of identifiers written in dvc.yaml itself, may appear in a cmd."""
-    for dvc_file in (REPO / "dvc.yaml", REPO / "variants" / "dvc.yaml"):
+    for dvc_file in (REPO / "dvc.yaml", REPO / "base" / "dvc.yaml"):
         for name, stage in yaml.safe_load(dvc_file.read_text())["stages"].items():
             foreach = stage.get("foreach")
             body = stage.get("do", stage)

@@ -5,7 +5,11 @@ git does not ignore), with a params.yaml whose sizes are tiny; every stage that 
 the test runs is reproduced, so the test grows with the pipeline. Checked: the outs exist, a second
 ``dvc repro`` runs nothing, ``dvc exp run -S train.lr=...`` reruns only ``train`` and the stages
 downstream of it, ``dvc metrics show`` lists the training metrics, ``dvc plots show`` writes the
-HTML with the training curve (offline), and MLflow got one run per stage execution.
+HTML with the training curve (offline), and MLflow got one run per stage execution. Also: no
+stage touches README.md or leaves git dirty (a forced rerun of the decoder-only stages rewrites
+every tracked output byte for byte: no timings in them), the DVC metrics stay few enough for
+``dvc exp show``, and a trained variant runs as a queued DVC experiment without touching the
+workspace.
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ def test_dvc_repro_end_to_end_then_nothing_then_an_experiment(repo):
     stages = yaml.safe_load((repo.root / "dvc.yaml").read_text())["stages"]
     assert {"fetch", "synthesize", "base", "train"} <= set(stages)
 
+    readme = (repo.root / "README.md").read_bytes()
     output = repo.dvc("repro", label="dvc repro (first)")
     ran = first_ran = set(RAN.findall(output))
     expected = set()
@@ -188,6 +193,10 @@ def test_dvc_repro_end_to_end_then_nothing_then_an_experiment(repo):
     assert RAN.findall(output) == [], output[-4000:]
     assert "Data and pipelines are up to date" in output or "didn't change, skipping" in output, output
     assert "modified" not in repo.dvc("status", "dvc.yaml", label="dvc status")
+    assert (repo.root / "README.md").read_bytes() == readme  # no stage writes it
+    forced_ran = _decoder_stages_rerun_to_the_same_bytes(repo, stages)
+    _dvc_metrics_are_few(repo, stages)
+    variant_ran = _a_variant_runs_as_a_queued_experiment(repo)
 
     downstream = _downstream(repo, "train")
     before = (repo.root / "metrics/train.json").read_text()
@@ -220,14 +229,80 @@ def test_dvc_repro_end_to_end_then_nothing_then_an_experiment(repo):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("stable-sam")
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`pipeline.role` = 'stage'")
-    assert sorted(r.data.tags["dvc.stage"] for r in runs) == sorted([*first_ran, *exp_ran])
+    # The queued variant's stages log to the same store (DVC_ROOT), not into their temporary copy.
+    expected_runs = [*first_ran, *forced_ran, *variant_ran, *exp_ran]
+    assert sorted(r.data.tags["dvc.stage"] for r in runs) == sorted(expected_runs)
     # Named by what distinguishes them: the exp run's stages name the changed param.
     assert any("train.lr=0.002" in r.info.run_name for r in runs if r.data.tags.get("dvc.exp_name"))
     assert all(r.info.status == "FINISHED" for r in runs)
     train_runs = [r for r in runs if r.data.tags["pipeline.stage"] == "train"]
-    assert len(train_runs) == 2 and {r.data.params["train.lr"] for r in train_runs} == {"0.001", "0.002"}
-    assert len(client.search_model_versions("name='stable-sam-plugin'")) == 2
+    assert len(train_runs) == 3 and {r.data.params["train.lr"] for r in train_runs} == {"0.001", "0.002"}
+    assert len(client.search_model_versions("name='stable-sam-plugin'")) == 3
     assert not pids_with_cmdline(repo.env["RAY_TMPDIR"])  # every stage's Ray went away with it
+
+
+def _decoder_stages_rerun_to_the_same_bytes(repo: Repo, stages: dict) -> list[str]:
+    """Commit the repro, force the stages after the embedding again: git stays clean."""
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-q", "-m", "dvc repro")
+    targets = [
+        f"{name}@{item}" if item is not None else name
+        for name in ("evaluate", "ablate", "report")
+        for item in stages[name].get("foreach", [None])
+    ]
+    output = repo.dvc("repro", "--force", "--single-item", *targets, label="dvc repro -f (decoder stages)")
+    assert set(RAN.findall(output)) == set(targets), output[-4000:]
+    status = repo.run("git", "status", "--porcelain", stdout_only=True)
+    assert status == "", f"a rerun on the same inputs changed tracked files:\n{status}"
+    return targets
+
+
+def _leaves(tree: Any, key: str = "") -> list[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        return [leaf for k, v in tree.items() for leaf in _leaves(v, k)]
+    return [(key, tree)]
+
+
+def _dvc_metrics_are_few(repo: Repo, stages: dict) -> None:
+    """What `dvc exp show` lists of the default pipeline: a comparison's numbers, no timings."""
+    declared = set()
+    for body in stages.values():
+        items = body.get("foreach", [None])
+        for entry in body.get("do", body).get("metrics", []):
+            path = next(iter(entry)) if isinstance(entry, dict) else entry
+            declared |= {path.replace("${item}", str(item)) for item in items}
+    assert {"metrics/evaluate.json", "metrics/effect_checks.json"} <= declared
+    shown = json.loads(repo.dvc("metrics", "show", "--json", label="dvc metrics show", stdout_only=True))
+    (workspace,) = shown.values()
+    files = {name: f.get("data", {}) for name, f in workspace["data"].items() if name in declared}
+    assert set(files) == declared
+    numbers = {
+        (name, key): v
+        for name, tree in files.items()
+        for key, v in _leaves(tree)
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    assert len(numbers) <= 80, len(numbers)
+    timings = [k for k in numbers if "seconds" in k[1] and k[0] != "metrics/train.json"]  # train: not ours
+    assert not timings, timings
+
+
+def _a_variant_runs_as_a_queued_experiment(repo: Repo) -> list[str]:
+    """`make variants` for one variant: queued, run in a temporary copy, shown by `dvc exp show`."""
+    out = repo.run(str(BIN / "python"), "-m", "pipeline.variants", "no_noisy_prompts", label="queue variant")
+    assert "-S train.prompts.noisy_box=0.0" in out
+    output = repo.dvc("exp", "run", "--run-all", "--jobs", "1", label="dvc exp run --run-all")
+    ran = RAN.findall(output)
+    assert "train" in ran and not set(ran) & {"fetch", "synthesize", "base", "embed"}, output[-4000:]
+    assert repo.run("git", "status", "--porcelain", stdout_only=True) == ""  # the workspace as it was
+    shown = json.loads(repo.dvc("exp", "show", "--json", label="dvc exp show --json", stdout_only=True))
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    (variant,) = [e for e in experiments if e.get("name") == "no_noisy_prompts"]
+    (revision,) = variant["revs"]
+    data = revision["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["prompts"]["noisy_box"] == 0.0
+    assert "mean" in data["metrics"]["metrics/evaluate.json"]["data"]
+    return ran
 
 
 def test_the_base_pipeline_pretrains_evaluates_and_releases_a_base(repo):

@@ -54,7 +54,7 @@ def test_a_storage_uri_reaches_ray_untouched_and_a_path_is_created(tmp_path):
 def test_an_official_sam_is_not_run_on_the_cpu_by_accident(monkeypatch):
     import torch
 
-    from pipeline.embed import DeviceError, resolve_device
+    from pipeline.eval_inputs import DeviceError, resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match=r"no GPU for the vit_l SAM.*eval\.device=cpu"):

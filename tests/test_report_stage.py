@@ -1,4 +1,4 @@
-"""The report stage (run) and the README effect-table block."""
+"""The report stage (run): the one markdown report, the targets, and the tables it renders."""
 
 from __future__ import annotations
 
@@ -7,28 +7,29 @@ import json
 
 import pytest
 import torch
-from test_evaluate_stage import eval_paths, make_project, tiny_params
+from test_evaluate_stage import EFFECT_KEYS, eval_paths, make_project, tiny_params
 
 from pipeline.ablate import SweepPaths
 from pipeline.ablate import run as ablate
+from pipeline.effect import effect_numbers
 from pipeline.embed import EmbedPaths
 from pipeline.embed import run as embed
 from pipeline.evaluate import run as evaluate
-from pipeline.readme_table import END_MARKER, START_MARKER, effect_markdown, main, rewrite_marked_block
-from pipeline.report import ReportPaths, run
+from pipeline.report import ReportPaths, effect_checks, holds, run
+from pipeline.report_tables import checks_markdown, evaluation_markdown, markdown_table
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-EFFECT = {
-    "base": {
-        "gt_box": {"miou": 80.0, "mbiou": 70.0, "st": 100.0},
+MEAN = {
+    "sam": {
+        "gt_box": {"miou": 80.0, "mbiou": 70.0},
         "noisy_box": {"miou": 48.8, "mbiou": 42.1, "st": 39.5},
         "point_1": {"miou": 43.3, "mbiou": 37.4, "st": 45.1},
         "point_3": {"miou": 78.7, "mbiou": 70.0, "st": 70.0},
         "point_10": {"miou": 84.8, "mbiou": 75.0, "st": 80.0},
     },
     "stable_sam": {
-        "gt_box": {"miou": 80.2, "mbiou": 70.5, "st": 100.0, "alpha1": 0.45},
+        "gt_box": {"miou": 80.2, "mbiou": 70.5, "alpha1": 0.45},
         "noisy_box": {"miou": 82.3, "mbiou": 74.1, "st": 82.3, "alpha1": 0.5},
         "point_1": {"miou": 76.9, "mbiou": 68.4, "st": 71.1, "alpha1": 0.614},
         "point_3": {"miou": 84.0, "mbiou": 75.0, "st": 78.0, "alpha1": 0.469},
@@ -37,58 +38,73 @@ EFFECT = {
 }
 
 
-def test_effect_table_has_sam_stable_sam_and_delta_columns():
-    table = effect_markdown(EFFECT)
-    header = table.splitlines()[0]
-    for column in ("SAM mIoU", "Stable-SAM mIoU", "Δ mIoU", "SAM ST", "Stable-SAM ST", "Δ ST", "α1"):
+def test_prompt_type_table_has_sam_stable_sam_and_delta_columns():
+    table = evaluation_markdown({"mean": MEAN, "prompts": list(MEAN["sam"]), "mean_over": ["x"]})
+    header = next(line for line in table.splitlines() if line.startswith("| Prompt |"))
+    for column in ("SAM mIoU", "Stable-SAM mIoU", "Δ", "SAM ST", "Stable-SAM ST", "α1"):
         assert column in header
     noisy = next(line for line in table.splitlines() if line.startswith("| Noisy box"))
-    assert "| 48.8 | 82.3 | +33.5 |" in noisy
+    assert noisy.startswith("| Noisy box | 48.8 | 82.3 | +33.5 |")
     assert "| 0.614 |" in next(line for line in table.splitlines() if line.startswith("| 1 point"))
-    assert "trivially 100" in table
-
-
-def test_readme_block_rewrite_is_idempotent_and_needs_both_markers(tmp_path):
-    readme = tmp_path / "README.md"
-    text = f"# Project\n\nintro\n\n{START_MARKER}\nstale\n{END_MARKER}\n\nrest\n"
-    readme.write_text(text)
-    table = effect_markdown(EFFECT)
-    assert rewrite_marked_block(readme, table) is True
-    once = readme.read_text()
-    assert "stale" not in once and table.strip() in once
-    assert once.startswith("# Project\n\nintro\n\n" + START_MARKER) and once.endswith(
-        END_MARKER + "\n\nrest\n"
+    assert "| 100.0 | 100.0 | +0.0 |" in next(
+        line for line in table.splitlines() if line.startswith("| GT box")
     )
-    assert rewrite_marked_block(readme, table) is False
-    assert readme.read_text() == once
-    for broken in ("no markers\n", f"{START_MARKER}\nonly the start\n", f"{END_MARKER}\n{START_MARKER}\n"):
-        readme.write_text(broken)
-        assert rewrite_marked_block(readme, table) is False
-        assert readme.read_text() == broken
-    assert rewrite_marked_block(tmp_path / "missing.md", table) is False
 
 
-def test_readme_table_cli(tmp_path):
-    (tmp_path / "effect.json").write_text(json.dumps(EFFECT))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{START_MARKER}\n{END_MARKER}\n")
-    main(
-        [
-            "--effect",
-            str(tmp_path / "effect.json"),
-            "--out",
-            str(tmp_path / "effect.md"),
-            "--readme",
-            str(readme),
-        ]
-    )
-    assert "| Noisy box | 48.8 | 82.3 |" in (tmp_path / "effect.md").read_text()
-    assert "| Noisy box | 48.8 | 82.3 |" in readme.read_text()
+def test_markdown_table_refuses_a_row_of_the_wrong_width():
+    assert markdown_table(["a", "b"], [["x|y", 1]]).splitlines() == [
+        "| a | b |",
+        "| :-- | --: |",
+        "| x\\|y | 1 |",
+    ]
+    with pytest.raises(ValueError, match="has 1 cells"):
+        markdown_table(["a", "b"], [["x"]])
+
+
+def _effect(nb=(40, 46, 30, 36), p1=(20, 26), gt=(80, 80.5), a=(0.6, 0.4)) -> dict:
+    entry = {"miou": 50.0, "mbiou": 40.0, "st": 60.0}
+    effect = {
+        "base": {k: dict(entry) for k in EFFECT_KEYS},
+        "stable_sam": {k: {**entry, "alpha1": 0.5} for k in EFFECT_KEYS},
+    }
+    effect["base"]["noisy_box"].update(miou=nb[0], st=nb[2])
+    effect["stable_sam"]["noisy_box"].update(miou=nb[1], st=nb[3])
+    effect["base"]["point_1"]["miou"], effect["stable_sam"]["point_1"]["miou"] = p1
+    effect["base"]["gt_box"]["miou"], effect["stable_sam"]["gt_box"]["miou"] = gt
+    effect["stable_sam"]["point_1"]["alpha1"], effect["stable_sam"]["point_10"]["alpha1"] = a
+    return effect
+
+
+@pytest.mark.parametrize(
+    ("changes", "failing"),
+    [
+        ({}, set()),
+        ({"nb": (40, 44.9, 30, 36)}, {"noisy_box_miou"}),
+        ({"nb": (40, 46, 30, 34.9)}, {"noisy_box_st"}),
+        ({"p1": (20, 24)}, {"point_1_miou"}),
+        ({"gt": (80, 78.5)}, {"gt_box_miou"}),
+        ({"a": (0.4, 0.6)}, {"alpha1_fewer_points"}),
+    ],
+)
+def test_effect_checks_apply_the_targets(changes, failing):
+    checks = holds(effect_checks(_effect(**changes)))
+    assert {name for name, ok in checks.items() if not ok} == failing | ({"all_hold"} if failing else set())
+    assert set(checks) == {
+        "all_hold", "noisy_box_miou", "noisy_box_st", "point_1_miou", "gt_box_miou", "alpha1_fewer_points"
+    }  # fmt: skip
+
+
+def test_targets_table_lists_each_rule_and_the_measured_value():
+    table = checks_markdown(effect_checks(effect_numbers(MEAN)))
+    noisy = next(line for line in table.splitlines() if line.startswith("| Noisy-box mIoU gain"))
+    assert noisy == "| Noisy-box mIoU gain | Stable-SAM >= SAM + 5 | 33.5 | yes |"
+    assert "| GT-box mIoU change | \\|Stable-SAM - SAM\\| <= 1 | 0.2 | yes |" in table
+    assert "| α1 (1 point) - α1 (10 points) | α1(1 point) > α1(10 points) | 0.243 | yes |" in table
 
 
 @pytest.fixture(scope="module")
 def pipeline_outputs(tmp_path_factory):
-    """Real stage outputs on the tiny project: evaluate + both sweeps."""
+    """Real stage outputs on the tiny project: evaluate + the three sweeps."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("report")
@@ -100,11 +116,12 @@ def pipeline_outputs(tmp_path_factory):
         alpha1_values=[0.0, 1.0],
         alpha1_point_counts=[1],
         seeds=[0, 1],
+        noise_scales=[0.0, 0.4],
     )
     embed(params, EmbedPaths(project["base"], project["raw"], root / "embeddings", root / "embed.json"))
-    evaluate(params, eval_paths(project, root))
+    evaluation = evaluate(params, eval_paths(project, root))
     sweeps = []
-    for sweep in ("points", "alpha1"):
+    for sweep in ("points", "alpha1", "looseness"):
         paths = SweepPaths(
             project["base"],
             project["plugin"],
@@ -118,43 +135,50 @@ def pipeline_outputs(tmp_path_factory):
         ablate(params, paths, sweep=sweep)
         sweeps.append(paths.results)
     torch.set_num_threads(previous)
-    return root, params, tuple(sweeps)
+    return root, params, tuple(sweeps), evaluation
 
 
 def test_report_has_every_table_and_links_the_figures(pipeline_outputs):
-    root, params, sweeps = pipeline_outputs
-    readme = root / "README.md"
-    readme.write_text(f"# x\n{START_MARKER}\n{END_MARKER}\n")
+    root, params, sweeps, evaluation = pipeline_outputs
     paths = ReportPaths(
-        evaluate=root / "reports" / "evaluation.json",
-        effect=root / "metrics" / "effect.json",
-        checks=root / "metrics" / "effect_checks.json",
+        evaluation=root / "reports" / "evaluation.json",
         out=root / "reports" / "summary.md",
-        effect_table=root / "reports" / "effect.md",
+        checks=root / "metrics" / "effect_checks.json",
         sweeps=sweeps,
         figures=(root / "plots" / "evaluate",),
-        readme=readme,
     )
-    metrics = run(params, paths)
+    result = run(params, paths)
     report = paths.out.read_text()
     for heading in (
-        "Headline effect",
+        "## Targets",
         "Headline (the paper's Table S5/S9 layout)",
         "Every prompt type",
         "COCO mask AP",
         "Mean routing weight α1",
         "Number of prompt points (Table S6 / S7)",
         "Forced routing weight α1 (Table S8)",
+        "Prompt looseness",
         "Trained variants",
     ):
         assert heading in report, heading
+    assert report.count("### Every prompt type") == 1  # each table once
     assert "| # points | 1 | 3 | 10 |" in report  # numeric order, although JSON keys are text
     assert "![points](figures/points.png)" in report and "![alpha1](figures/alpha1.png)" in report
     assert "(../plots/evaluate/embedded_val_00000_sam_vs_stable_sam.png)" in report
-    for link in ("figures/points.png", "../plots/evaluate/embedded_val_00000_offsets.png"):
+    for link in ("figures/looseness.png", "../plots/evaluate/embedded_val_00000_offsets.png"):
         assert (paths.out.parent / link).is_file()
-    assert metrics["figures"] == 4 and metrics["readme_rewritten"] is True
-    effect_table = paths.effect_table.read_text()
-    assert effect_table.split("\n", 2)[2].strip() in readme.read_text()
-    # a second run changes nothing
-    assert run(params, paths)["readme_rewritten"] is False
+    assert len(result["figures"]) == 5
+    expected = holds(effect_checks(effect_numbers(evaluation["mean"])))
+    assert json.loads(paths.checks.read_text()) == expected
+    assert all(isinstance(v, bool) for v in expected.values())  # no numbers: they are in the report
+    for name, ok in expected.items():
+        if name != "all_hold":
+            row = next(
+                line
+                for line in report.splitlines()
+                if line.startswith(f"| {result['checks'][name]['description']} |")
+            )
+            assert row.endswith("| yes |" if ok else "| **no** |"), row
+    # The same inputs again: the same report, byte for byte.
+    run(params, paths)
+    assert paths.out.read_text() == report
