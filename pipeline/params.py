@@ -75,7 +75,6 @@ __all__ = [
     "TrainConfig",
     "Variant",
     "load_params",
-    "main",
     "resolved_params_dict",
 ]
 
@@ -473,21 +472,3 @@ def _nested(changes: Mapping[str, Any], where: str) -> dict[str, Any]:
 def resolved_params_dict(params: Params) -> dict[str, Any]:
     """The resolved params as nested plain containers (for MLflow and the resolved-params file)."""
     return OmegaConf.to_container(OmegaConf.structured(params), resolve=True)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.params``: print the resolved params (file + overlays + overrides) as YAML."""
-    from .stage_cli import stage_argument_parser  # the stage command line loads params: no cycle
-
-    parser = stage_argument_parser("Print the resolved params as YAML.", prog="python -m pipeline.params")
-    args = parser.parse_args(argv)
-    params = resolved_params_dict(load_params(args.params, args.overrides))
-    print(OmegaConf.to_yaml(OmegaConf.create(params)), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    # This file is __main__ here; the stage command line imports it again as pipeline.params.
-    from pipeline import params
-
-    raise SystemExit(params.main())

@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .params import VARIANT_NAME, Overlay, ParamsError, Variant, load_params
+from .params import VARIANT_NAME, Overlay, ParamsError, Variant, load_params, resolved_params_dict
 
 __all__ = ["stage_argument_parser"]
 
@@ -86,3 +86,18 @@ def stage_argument_parser(description: str, *, prog: str | None = None) -> argpa
         help="override one param, e.g. --set train.lr=3e-4 (repeatable)",
     )
     return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.stage_cli``: print the params a stage would get (file + overlays + --set) as YAML."""
+    from omegaconf import OmegaConf
+
+    parser = stage_argument_parser("Print the resolved params as YAML.", prog="python -m pipeline.stage_cli")
+    args = parser.parse_args(argv)
+    params = resolved_params_dict(load_params(args.params, args.overrides))
+    print(OmegaConf.to_yaml(OmegaConf.create(params)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

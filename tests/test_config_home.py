@@ -19,6 +19,7 @@ import yaml
 from conftest import TEST_ENVIRONMENT
 
 from pipeline import params as pipeline_params
+from pipeline import stage_cli
 from pipeline.params import Overlay, Params, ParamsError, Variant, load_params, resolved_params_dict
 from pipeline.stage_cli import stage_argument_parser
 from stable_sam import config
@@ -271,7 +272,7 @@ def test_a_missing_overlay_is_a_usage_error(capsys):
 
 
 def test_python_m_pipeline_params_prints_the_merged_params(tmp_path, capsys):
-    assert pipeline_params.main(["--params", str(PARAMS), "--overlay", str(CLUSTER)]) == 0
+    assert stage_cli.main(["--params", str(PARAMS), "--overlay", str(CLUSTER)]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     cluster = load_params(PARAMS, [Overlay(str(CLUSTER))])
     assert printed == resolved_params_dict(cluster)
