@@ -1,4 +1,4 @@
-"""``stable-sam``: segment an image from the command line, or print a model's parameter counts.
+"""``stable-sam``: segment an image (prompts or automatic masks), or print a model's parameter counts.
 
 Examples::
 
@@ -6,11 +6,14 @@ Examples::
         --sam-checkpoint sam_vit_l_0b3195.pth --plugin models/stable_sam/plugin.pt
     stable-sam predict photo.jpg --point 120,200 --point 300,40 --label 1 --label 0 ...
     stable-sam info --sam-type vit_b
+    stable-sam amg photo.jpg --sam-type vit_l --sam-checkpoint sam_vit_l_0b3195.pth \\
+        --plugin models/stable_sam/plugin.pt --out-dir masks/
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -24,6 +27,8 @@ from .build import SAM_TYPES, build_stable_sam
 from .checkpoint import SamCheckpointError, read_plugin_checkpoint
 from .config import config_to_dict
 from .embedding_cache import EmbeddingCache
+from .evaluation.automatic import mask_generator, write_amg
+from .modeling import StableSam
 from .predictor import StableSamPredictor, clip_box
 
 __all__ = ["main", "overlay_image"]
@@ -68,11 +73,11 @@ def overlay_image(
     return canvas
 
 
-def _predict(args: argparse.Namespace) -> int:
-    image_path = Path(args.image)
+def _read_image(image_path: Path) -> np.ndarray:
+    """H x W x 3 uint8 RGB; an unreadable file exits with one line."""
     try:
         with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("RGB"))
     except Image.DecompressionBombError as err:  # not an OSError
         raise SystemExit(
             f"error: cannot read image {image_path}: {err} Pillow refuses images over its "
@@ -80,19 +85,10 @@ def _predict(args: argparse.Namespace) -> int:
         ) from None
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: cannot read image {image_path}: {err}") from None
-    if args.box is None and not args.point:
-        raise SystemExit("error: give a prompt: --box x0,y0,x1,y1 and/or --point x,y (repeatable)")
-    labels = args.label if args.label else [1] * len(args.point)
-    if len(labels) != len(args.point):
-        raise SystemExit(
-            f"error: {len(args.point)} --point but {len(labels)} --label; give one label per point"
-        )
-    box = None
-    if args.box is not None:  # checked before the model is loaded; a loose box is clipped (logged)
-        try:
-            box = clip_box(np.asarray(args.box, dtype=np.float32), *image.shape[:2])
-        except ValueError as err:
-            raise SystemExit(f"error: --box: {err}") from None
+
+
+def _load_model(args: argparse.Namespace, *, device: str | None = None, what: str) -> StableSam:
+    """The model of the shared flags (``--sam-type``, ``--sam-checkpoint``, ``--plugin``); errors exit."""
     if args.plugin and not args.sam_checkpoint:
         try:
             stored = read_plugin_checkpoint(args.plugin)
@@ -107,14 +103,32 @@ def _predict(args: argparse.Namespace) -> int:
             sam_type=args.sam_type,
             sam_checkpoint=args.sam_checkpoint,
             plugin_checkpoint=args.plugin,
-            device=args.device,
+            device=device,
         )
     except (SamCheckpointError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     if args.sam_checkpoint is None:
-        print(
-            "warning: no --sam-checkpoint: SAM has RANDOM weights, the mask is meaningless", file=sys.stderr
+        print(f"warning: no --sam-checkpoint: SAM has RANDOM weights, {what} is meaningless", file=sys.stderr)
+    return model
+
+
+def _predict(args: argparse.Namespace) -> int:
+    image_path = Path(args.image)
+    image = _read_image(image_path)
+    if args.box is None and not args.point:
+        raise SystemExit("error: give a prompt: --box x0,y0,x1,y1 and/or --point x,y (repeatable)")
+    labels = args.label if args.label else [1] * len(args.point)
+    if len(labels) != len(args.point):
+        raise SystemExit(
+            f"error: {len(args.point)} --point but {len(labels)} --label; give one label per point"
         )
+    box = None
+    if args.box is not None:  # checked before the model is loaded; a loose box is clipped (logged)
+        try:
+            box = clip_box(np.asarray(args.box, dtype=np.float32), *image.shape[:2])
+        except ValueError as err:
+            raise SystemExit(f"error: --box: {err}") from None
+    model = _load_model(args, device=args.device, what="the mask")
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
     predictor = StableSamPredictor(model, cache=cache)
     predictor.set_image(image)
@@ -146,6 +160,27 @@ def _predict(args: argparse.Namespace) -> int:
         "area_pixels": int(mask.sum()),
         "alpha": None if predictor.routing is None else [round(float(a), 4) for a in predictor.routing[0]],
     }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _amg(args: argparse.Namespace) -> int:
+    """Automatic masks of one image: ``<stem>_masks.json`` (COCO RLE) and ``<stem>_amg.png``."""
+    image_path = Path(args.image)
+    image = _read_image(image_path)
+    model = _load_model(args, device=args.device, what="every mask")
+    generator = mask_generator(
+        model,
+        points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        output_mode="coco_rle",
+    )
+    with model.plugins_disabled() if args.no_plugin else contextlib.nullcontext():
+        records = generator.generate(image)
+    masks_path, overlay_path = write_amg(image, records, out_dir=args.out_dir, stem=image_path.stem)
+    summary = {"masks": len(records), "json": str(masks_path), "overlay": str(overlay_path)}
+    summary["model"] = "SAM (plug-ins off)" if args.no_plugin else "Stable-SAM"
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -182,6 +217,21 @@ def _info(args: argparse.Namespace) -> int:
     for name in model.trainable_parameter_names():
         print(f"  {name}")
     return 0
+
+
+def _add_amg_parser(sub: argparse._SubParsersAction) -> None:
+    amg = sub.add_parser("amg", help="automatic masks of one image (segment-anything's generator)")
+    amg.add_argument("image", help="image file (any format Pillow reads)")
+    amg.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
+    amg.add_argument("--sam-checkpoint", help="official SAM checkpoint (sam_vit_*.pth)")
+    amg.add_argument("--plugin", help="Stable-SAM plug-in checkpoint (models/stable_sam/plugin.pt)")
+    amg.add_argument("--no-plugin", action="store_true", help="plain SAM (plug-ins off) for comparison")
+    amg.add_argument("--points-per-side", type=int, default=32, help="point grid side (SAM: 32 at 1024 px)")
+    amg.add_argument("--pred-iou-thresh", type=float, default=0.88, help="keep masks scored above it")
+    amg.add_argument("--stability-score-thresh", type=float, default=0.95, help="keep stabler masks")
+    amg.add_argument("--out-dir", default=".", help="where to write <stem>_masks.json and <stem>_amg.png")
+    amg.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    amg.set_defaults(func=_amg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
     info.add_argument("--plugin", help="describe this plug-in checkpoint (its SAM type, config and counts)")
     info.set_defaults(func=_info)
+    _add_amg_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
