@@ -55,6 +55,8 @@ from stable_sam.config import (
     ordered,
 )
 
+from .params_annotator import AutomaticConfig, InteractiveConfig
+
 __all__ = [
     "EVAL_DEVICES",
     "FETCH_SOURCES",
@@ -278,6 +280,8 @@ class Params:
     ray: RayConfig
     eval: EvalConfig
     ablate: AblateConfig
+    automatic: AutomaticConfig
+    interactive: InteractiveConfig
     tracking: TrackingConfig
 
     rules: ClassVar[tuple[Rule, ...]] = (

@@ -5,7 +5,7 @@
         --figures plots/evaluate --out reports/summary.md --checks metrics/effect_checks.json
 
 The only stage that renders markdown (the tables are :mod:`pipeline.report_tables`): it reads the
-JSON results of the ``evaluate`` and ``ablate`` stages, so editing a table reruns this stage alone,
+JSON results of the ``evaluate``, ``ablate``, ``automatic`` and ``interactive`` stages, so editing a table reruns this stage alone,
 and the report can be regenerated without running a model. It writes ``reports/summary.md``
 (every table, the targets, links to the figures) and ``metrics/effect_checks.json`` (whether each
 target holds: booleans for ``dvc exp show``; the measured values are in the report). No stage
@@ -31,6 +31,7 @@ from .effect import effect_numbers
 from .params import Params, load_params
 from .report_tables import (
     alpha1_markdown,
+    annotator_markdown,
     checks_markdown,
     evaluation_markdown,
     link,
@@ -107,6 +108,8 @@ class ReportPaths:
     checks: Path  # metrics/effect_checks.json
     sweeps: tuple[Path, ...] = ()  # reports/ablate_*.json (ablate stage)
     figures: tuple[Path, ...] = ()  # folders (or files) of PNG figures to link
+    automatic: Path | None = None  # reports/automatic.json (automatic stage)
+    interactive: Path | None = None  # reports/interactive.json (interactive stage)
 
 
 def _pngs(paths: Sequence[Path]) -> list[Path]:
@@ -125,6 +128,7 @@ def _document(
     sweeps: Sequence[Mapping[str, Any]],
     figures: Sequence[Path],
     here: Path,
+    annotator: str = "",
 ) -> str:
     sweep_figures = [Path(f) for sweep in sweeps for f in sweep.get("figures", [])]
     verdict = "every target holds" if checks["all_hold"] else "**not every target holds**"
@@ -147,6 +151,7 @@ def _document(
         "## Ablation sweeps (decoder only, on cached embeddings)",
         "",
         *(SWEEP_TABLES[sweep["sweep"]](sweep) for sweep in sweeps),
+        *([annotator] if annotator else []),
     ]
     if sweep_figures or figures:
         lines += ["## Figures", ""]
@@ -169,7 +174,11 @@ def run(params: Params, paths: ReportPaths, *, tracker: Any = None) -> dict[str,
     checks = effect_checks(effect_numbers(evaluation.get("mean", {})))
     sweeps = [json.loads(path.read_text()) for path in paths.sweeps]
     figures = _pngs(paths.figures)
-    write_text_atomic(paths.out, _document(evaluation, checks, sweeps, figures, paths.out.parent))
+    automatic, interactive = (
+        json.loads(p.read_text()) if p else None for p in (paths.automatic, paths.interactive)
+    )
+    annotator = annotator_markdown(automatic, interactive) if automatic or interactive else ""
+    write_text_atomic(paths.out, _document(evaluation, checks, sweeps, figures, paths.out.parent, annotator))
     write_json_atomic(paths.checks, holds(checks))
     linked = figures + [Path(f) for sweep in sweeps for f in sweep.get("figures", [])]
     logger.info(
@@ -191,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--figures", type=Path, nargs="*", default=[], help="PNG folders/files to link")
     parser.add_argument("--out", type=Path, required=True, help="the report (markdown)")
     parser.add_argument("--checks", type=Path, required=True, help="whether the targets hold (JSON)")
+    parser.add_argument("--automatic", type=Path, default=None, help="reports/automatic.json")
+    parser.add_argument("--interactive", type=Path, default=None, help="reports/interactive.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)
@@ -200,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         checks=args.checks,
         sweeps=tuple(args.sweeps),
         figures=tuple(args.figures),
+        automatic=args.automatic,
+        interactive=args.interactive,
     )
     from .tracking import stage_run
 

@@ -18,6 +18,7 @@ from .effect import BASELINE, MODEL, prompt_label
 __all__ = [
     "CHECK_ORDER",
     "alpha1_markdown",
+    "annotator_markdown",
     "checks_markdown",
     "compared_cells",
     "evaluation_markdown",
@@ -402,3 +403,56 @@ def checks_markdown(checks: Mapping[str, Any]) -> str:
         if isinstance(checks[name], Mapping)
     ]
     return markdown_table(["Target", "Rule", "Measured", "Holds"], rows, align="llrc") + "\n"
+
+
+_ANNOTATOR_COLUMNS = {
+    "ap": "AP", "ap50": "AP50", "ap75": "AP75", "ar1": "AR@1", "ar10": "AR@10", "ar100": "AR@100",
+    "masks_per_image": "masks / image", "noc85": "NoC@85", "noc90": "NoC@90", "nof85": "never 85",
+    "nof90": "never 90", "miou_1": "mIoU@1", "miou_5": "mIoU@5", "miou_20": "mIoU@20",
+}  # fmt: skip
+
+
+def _annotator_table(title: str, results: Mapping[str, Any], note: str) -> list[str]:
+    """One table per evaluation set: SAM, Stable-SAM, the difference, and which one is better."""
+    columns = list(results.get("columns", []))
+    lines = [f"### {title}", ""]
+    for name, figures in results.get("sets", {}).items():
+        models, delta, better = figures.get("models", {}), figures.get("delta", {}), figures.get("better", {})
+        rows = [
+            ["SAM", *(fmt(models.get(BASELINE, {}).get(c), 2) for c in columns)],
+            ["Stable-SAM", *(fmt(models.get(MODEL, {}).get(c), 2) for c in columns)],
+            ["Δ", *(fmt(delta.get(c), 2) for c in columns)],
+            [
+                "better",
+                *(
+                    better.get(c, "–").replace("stable_sam", "Stable-SAM").replace("sam", "SAM")
+                    for c in columns
+                ),
+            ],
+        ]
+        lines += [
+            f"`{name}`:",
+            "",
+            markdown_table(["", *(_ANNOTATOR_COLUMNS.get(c, c) for c in columns)], rows),
+            "",
+        ]
+    return [*lines, note, ""]
+
+
+def annotator_markdown(automatic: Mapping[str, Any] | None, interactive: Mapping[str, Any] | None) -> str:
+    """Where annotators work: automatic masks (COCO AP / AR, %) and interactive clicks (NoC, mIoU %)."""
+    lines = ["## Annotator protocols", ""]
+    if automatic is not None:
+        lines += _annotator_table(
+            "Automatic masks (segment-anything's generator, class-agnostic COCO mask AP / AR)",
+            automatic,
+            f"Masks ranked by `{automatic.get('score', '?')}`; {automatic.get('protocol', '')}.",
+        )
+    if interactive is not None:
+        lines += _annotator_table(
+            f"Interactive segmentation (up to {interactive.get('max_clicks', '?')} clicks)",
+            interactive,
+            f"{interactive.get('protocol', '')}. NoC is capped at the click budget for a target that "
+            "never reaches the IoU; 'never' counts those targets (fewer is better, like NoC).",
+        )
+    return "\n".join(lines)

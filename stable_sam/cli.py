@@ -1,4 +1,5 @@
-"""``stable-sam``: segment an image, print a model's parameter counts, or export its decoder to ONNX.
+"""``stable-sam``: segment an image (prompts or automatic masks), print a model's parameter counts,
+or export its decoder to ONNX.
 
 Examples::
 
@@ -6,6 +7,8 @@ Examples::
         --sam-checkpoint sam_vit_l_0b3195.pth --plugin models/stable_sam/plugin.pt
     stable-sam predict photo.jpg --point 120,200 --point 300,40 --label 1 --label 0 ...
     stable-sam info --sam-type vit_b
+    stable-sam amg photo.jpg --sam-type vit_l --sam-checkpoint sam_vit_l_0b3195.pth \\
+        --plugin models/stable_sam/plugin.pt --out-dir masks/
     stable-sam export-onnx --sam-type vit_l --sam-checkpoint sam_vit_l_0b3195.pth \\
         --plugin models/stable_sam/plugin.pt --output stable_sam_vit_l.onnx
 """
@@ -13,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -26,6 +30,7 @@ from .build import SAM_TYPES, build_stable_sam
 from .checkpoint import SamCheckpointError, read_plugin_checkpoint
 from .config import config_to_dict
 from .embedding_cache import EmbeddingCache
+from .evaluation.automatic import mask_generator, write_amg
 from .modeling import StableSam
 from .predictor import StableSamPredictor, clip_box
 
@@ -71,6 +76,20 @@ def overlay_image(
     return canvas
 
 
+def _read_image(image_path: Path) -> np.ndarray:
+    """H x W x 3 uint8 RGB; an unreadable file exits with one line."""
+    try:
+        with Image.open(image_path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as err:  # not an OSError
+        raise SystemExit(
+            f"error: cannot read image {image_path}: {err} Pillow refuses images over its "
+            f"decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS} pixels"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: cannot read image {image_path}: {err}") from None
+
+
 def _load_model(args: argparse.Namespace, *, device: str | None = None, what: str) -> StableSam:
     """The model of the shared flags (``--sam-type``, ``--sam-checkpoint``, ``--plugin``); errors exit."""
     if args.plugin and not args.sam_checkpoint:
@@ -98,16 +117,7 @@ def _load_model(args: argparse.Namespace, *, device: str | None = None, what: st
 
 def _predict(args: argparse.Namespace) -> int:
     image_path = Path(args.image)
-    try:
-        with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
-    except Image.DecompressionBombError as err:  # not an OSError
-        raise SystemExit(
-            f"error: cannot read image {image_path}: {err} Pillow refuses images over its "
-            f"decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS} pixels"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"error: cannot read image {image_path}: {err}") from None
+    image = _read_image(image_path)
     if args.box is None and not args.point:
         raise SystemExit("error: give a prompt: --box x0,y0,x1,y1 and/or --point x,y (repeatable)")
     labels = args.label if args.label else [1] * len(args.point)
@@ -153,6 +163,27 @@ def _predict(args: argparse.Namespace) -> int:
         "area_pixels": int(mask.sum()),
         "alpha": None if predictor.routing is None else [round(float(a), 4) for a in predictor.routing[0]],
     }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _amg(args: argparse.Namespace) -> int:
+    """Automatic masks of one image: ``<stem>_masks.json`` (COCO RLE) and ``<stem>_amg.png``."""
+    image_path = Path(args.image)
+    image = _read_image(image_path)
+    model = _load_model(args, device=args.device, what="every mask")
+    generator = mask_generator(
+        model,
+        points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        output_mode="coco_rle",
+    )
+    with model.plugins_disabled() if args.no_plugin else contextlib.nullcontext():
+        records = generator.generate(image)
+    masks_path, overlay_path = write_amg(image, records, out_dir=args.out_dir, stem=image_path.stem)
+    summary = {"masks": len(records), "json": str(masks_path), "overlay": str(overlay_path)}
+    summary["model"] = "SAM (plug-ins off)" if args.no_plugin else "Stable-SAM"
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -255,7 +286,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags that choose the model, shared by ``predict`` and ``export-onnx``."""
+    """The flags that choose the model, shared by ``predict``, ``amg`` and ``export-onnx``."""
     parser.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
     parser.add_argument("--sam-checkpoint", help="official SAM checkpoint (sam_vit_*.pth)")
     parser.add_argument("--plugin", help="Stable-SAM plug-in checkpoint (models/stable_sam/plugin.pt)")
@@ -292,6 +323,18 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         help="SAM's option: iou_predictions are the masks' stability scores",
     )
     export.set_defaults(func=_export_onnx)
+
+
+def _add_amg_parser(sub: argparse._SubParsersAction) -> None:
+    amg = sub.add_parser("amg", help="automatic masks of one image (segment-anything's generator)")
+    amg.add_argument("image", help="image file (any format Pillow reads)")
+    _add_model_flags(amg)
+    amg.add_argument("--points-per-side", type=int, default=32, help="point grid side (SAM: 32 at 1024 px)")
+    amg.add_argument("--pred-iou-thresh", type=float, default=0.88, help="keep masks scored above it")
+    amg.add_argument("--stability-score-thresh", type=float, default=0.95, help="keep stabler masks")
+    amg.add_argument("--out-dir", default=".", help="where to write <stem>_masks.json and <stem>_amg.png")
+    amg.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    amg.set_defaults(func=_amg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -336,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("--sam-type", default="vit_l", choices=SAM_TYPES)
     info.add_argument("--plugin", help="describe this plug-in checkpoint (its SAM type, config and counts)")
     info.set_defaults(func=_info)
+    _add_amg_parser(sub)
     _add_export_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -20,6 +20,7 @@ from matplotlib.patches import Rectangle
 
 __all__ = [
     "MaskPanel",
+    "clicks_figure",
     "compare_masks",
     "draw_box",
     "draw_offsets",
@@ -301,4 +302,28 @@ def looseness_figure(
     right.invert_xaxis()
     left.legend(fontsize=8)
     fig.suptitle("SAM vs Stable-SAM as prompts get looser (± std over prompt draws)", fontsize=10)
+    return fig
+
+
+def clicks_figure(
+    curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float] | None]]],
+    *,
+    thresholds: Sequence[float] = (),
+) -> Figure:
+    """mIoU (%) against the click number, one panel per dataset: ``curves`` maps a dataset to
+    {model label: (means, stds or None)} over clicks 1..K; ``thresholds`` (in [0, 1]) are drawn as
+    dotted lines (the NoC targets)."""
+    fig = Figure(figsize=(5.0 * len(curves), 3.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(curves), sharey=True))
+    for ax, (dataset, series) in zip(axes, curves.items()):
+        clicks = np.arange(1, 1 + max(len(means) for means, _ in series.values()))
+        _curves_with_bands(ax, clicks, series)
+        for threshold in thresholds:
+            ax.axhline(100 * threshold, linestyle=":", linewidth=1.0, color="grey")
+        ax.set_xticks(clicks[:: max(1, len(clicks) // 10)])
+        ax.set_xlabel("click number")
+        ax.set_title(f"{dataset}: mIoU per click (± std over targets)", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mIoU (%)")
+    axes[0].legend(fontsize=8)
     return fig

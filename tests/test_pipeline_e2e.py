@@ -62,6 +62,10 @@ TINY_PARAMS: dict[str, Any] = {
     "ablate.alpha1_values": [0.0, 1.0],
     "ablate.alpha1_point_counts": [1],
     "ablate.seeds": [0],
+    "automatic.points_per_side": 4,
+    "automatic.max_images": 4,
+    "interactive.max_clicks": 5,
+    "interactive.max_images": 4,
 }
 REQUIRED = {k for k in TINY_PARAMS if k.split(".")[0] in ("sam", "embedded", "train", "ray", "tracking")}
 RAN = re.compile(r"Running stage '([^']+)'")

@@ -182,3 +182,28 @@ def test_report_has_every_table_and_links_the_figures(pipeline_outputs):
     # The same inputs again: the same report, byte for byte.
     run(params, paths)
     assert paths.out.read_text() == report
+
+
+def test_the_annotator_tables_show_both_models_the_difference_and_the_winner():
+    from pipeline.report_tables import annotator_markdown
+
+    interactive = {
+        "columns": ["noc85", "miou_1"],
+        "max_clicks": 20,
+        "protocol": "RITM clicks",
+        "sets": {
+            "embedded": {
+                "models": {
+                    "sam": {"noc85": 15.2, "miou_1": 50.15},
+                    "stable_sam": {"noc85": 15.86, "miou_1": 49.36},
+                },
+                "delta": {"noc85": 0.66, "miou_1": -0.79},
+                "better": {"noc85": "sam", "miou_1": "sam"},
+            }
+        },
+    }
+    text = annotator_markdown(None, interactive)
+    assert "NoC@85 | mIoU@1" in text  # the columns' names, in the results' order
+    assert "| SAM | 15.20 | 50.15 |" in text and "| Stable-SAM | 15.86 | 49.36 |" in text
+    assert "| Δ | 0.66 | -0.79 |" in text and "| better | SAM | SAM |" in text
+    assert "Automatic masks" not in text and "up to 20 clicks" in text

@@ -10,8 +10,21 @@ image, kind])``, so every model and every routing setting sees the very same pro
 The image encoder never runs inside the loops: :func:`embed_images` computes (or fetches from an
 :class:`EmbeddingCache`) one embedding per image and model input, which every prompt kind, draw,
 model (SAM = the same weights with plug-ins off) and sweep point reuses.
+
+Also: automatic mask generation (segment-anything's ``SamAutomaticMaskGenerator`` on the
+plugged ``Sam``) with a class-agnostic COCO AP/AR (:mod:`.automatic`), and the interactive click
+protocol with NoC@IoU (:mod:`.interactive`).
 """
 
+from .automatic import (
+    AMG_SCORES,
+    CachedSamPredictor,
+    amg_coco_eval,
+    amg_detections,
+    amg_overlay,
+    mask_generator,
+    write_amg,
+)
 from .coco import (
     COCO_NOISE_SCALES,
     CocoImage,
@@ -20,6 +33,14 @@ from .coco import (
     coco_noisy_box_detections,
     coco_noisy_boxes,
     prepare_coco_image,
+)
+from .interactive import (
+    ClickTrace,
+    click_trace,
+    frame_points,
+    model_decoder,
+    number_of_clicks,
+    summarize_traces,
 )
 from .protocol import (
     DETERMINISTIC_KINDS,
@@ -34,12 +55,19 @@ from .protocol import (
 from .summary import per_image_rows, summarize
 
 __all__ = [
+    "AMG_SCORES",
     "COCO_NOISE_SCALES",
     "DETERMINISTIC_KINDS",
+    "CachedSamPredictor",
+    "ClickTrace",
     "CocoImage",
     "CocoResult",
     "Decoded",
     "PreparedImage",
+    "amg_coco_eval",
+    "amg_detections",
+    "amg_overlay",
+    "click_trace",
     "coco_gt_subset",
     "coco_noisy_box_detections",
     "coco_noisy_boxes",
@@ -47,8 +75,14 @@ __all__ = [
     "embed_images",
     "eval_prompts",
     "evaluate_prompts",
+    "frame_points",
+    "mask_generator",
+    "model_decoder",
+    "number_of_clicks",
     "per_image_rows",
     "prepare_coco_image",
     "prepare_image",
     "summarize",
+    "summarize_traces",
+    "write_amg",
 ]
