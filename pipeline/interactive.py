@@ -42,9 +42,10 @@ from stable_sam.evaluation import ClickTrace, click_trace, model_decoder, summar
 # H2 moves these shared helpers to pipeline/eval_inputs.py (same names): import them from there then.
 from .effect import BASELINE, MODEL
 from .eval_inputs import display_name, embed_pass, hq_chunks, model_passes, set_threads
+from .outputs import without_seconds
 from .params import Params, load_params
 from .raw_data import read_raw_manifest
-from .sam_source import json_text, without_seconds
+from .sam_source import json_text
 from .stage_cli import stage_argument_parser
 
 __all__ = ["InteractivePaths", "headline_metrics", "main", "run"]

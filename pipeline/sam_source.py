@@ -12,18 +12,10 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from stable_sam.atomic_write import write_text_atomic
 
-__all__ = [
-    "SamSource",
-    "json_text",
-    "read_sam_source",
-    "without_seconds",
-    "write_json_atomic",
-    "write_sam_source",
-]
+__all__ = ["SamSource", "json_text", "read_sam_source", "write_json_atomic", "write_sam_source"]
 
 POINTER_NAME = "sam.json"
 
@@ -49,14 +41,6 @@ class SamSource:
 def json_text(content: dict) -> str:
     """The pipeline's JSON layout: indented, sorted keys, a final newline."""
     return json.dumps(content, indent=2, sort_keys=True) + "\n"
-
-
-def without_seconds(content: Any) -> Any:
-    """``content`` without its ``seconds`` entries: wall times go to MLflow and the log, not into a
-    DVC output, so a rerun on the same inputs writes the same bytes (and git stays clean)."""
-    if isinstance(content, dict):
-        return {k: without_seconds(v) for k, v in content.items() if k != "seconds"}
-    return content
 
 
 def write_json_atomic(path: str | Path, content: dict) -> None:

@@ -18,8 +18,8 @@ from test_evaluate_stage import N_IMAGES, EncoderCounter, make_project
 
 from pipeline.automatic import AutomaticPaths, headline_metrics
 from pipeline.automatic import run as automatic
+from pipeline.outputs import without_seconds
 from pipeline.params_annotator import AutomaticConfig, InteractiveConfig
-from pipeline.sam_source import without_seconds
 from stable_sam import save_plugin_checkpoint
 from stable_sam.build import build_stable_sam
 from stable_sam.cli import main
