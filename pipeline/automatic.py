@@ -50,6 +50,7 @@ from .params import Params, load_params
 from .raw_data import read_raw_manifest
 from .sam_source import json_text
 from .stage_cli import stage_argument_parser
+from .tracking import common_folder
 
 __all__ = ["AutomaticPaths", "headline_metrics", "main", "run"]
 
@@ -209,8 +210,8 @@ def run(params: Params, paths: AutomaticPaths, *, tracker: Any = None) -> dict[s
         outputs.write_text(paths.metrics, json_text(headline_metrics(results)))
         outputs.write_bytes(paths.figure, _figure_png(figure_rows, score=cfg.score))
     if tracker is not None:
-        for spec in cfg.sets:
-            tracker.log_dataset(raw.dataset_root(spec), name=display_name(spec), context="evaluation")
+        for spec in cfg.sets:  # the split's images and its instances file, not the dataset's root
+            tracker.log_dataset(common_folder(coco_files(raw, spec)), context="evaluation")
         tracker.log_figure(paths.figure)
     return results
 

@@ -47,6 +47,7 @@ from .params import Params, load_params
 from .raw_data import read_raw_manifest
 from .sam_source import json_text
 from .stage_cli import stage_argument_parser
+from .tracking import common_folder
 
 __all__ = ["InteractivePaths", "headline_metrics", "main", "run"]
 
@@ -160,10 +161,12 @@ def run(params: Params, paths: InteractivePaths, *, tracker: Any = None) -> dict
     cache = ReadOnlyEmbeddingCache(paths.embeddings, max_memory_items=64)
     tags = _threshold_tags(cfg.iou_thresholds)
     sets: dict[str, Any] = {}
+    folders: list[Path] = []  # MLflow inputs: each set's split folder (from its files)
     for spec in cfg.sets:
         name = display_name(spec)
         t0 = time.perf_counter()
         dataset = raw.open_dataset(spec, split="val")
+        folders.append(common_folder(f for pair in dataset.pairs for f in (pair.image_path, pair.mask_path)))
         with torch.no_grad():
             traces = _set_traces(params, passes, dataset, cache)
         summary = {
@@ -208,8 +211,8 @@ def run(params: Params, paths: InteractivePaths, *, tracker: Any = None) -> dict
         outputs.write_text(paths.plot, _curve_csv(results))
         outputs.write_bytes(paths.figure, _figure_png(results))
     if tracker is not None:
-        for spec in cfg.sets:
-            tracker.log_dataset(raw.dataset_root(spec), name=display_name(spec), context="evaluation")
+        for folder in folders:
+            tracker.log_dataset(folder, context="evaluation")
         tracker.log_figure(paths.figure)
     return results
 

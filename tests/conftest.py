@@ -107,3 +107,24 @@ def repo_params(**sections):
     for name, changes in sections.items():
         setattr(params, name, dataclasses.replace(getattr(params, name), **changes))
     return params
+
+
+class RecordingTracker:
+    """Stands in for ``pipeline.tracking.Tracker``: records every call after binding it to the real
+    method's signature (a call the real tracker would reject raises TypeError here too)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str):
+        import inspect
+
+        from pipeline.tracking import Tracker
+
+        signature = inspect.signature(getattr(Tracker, name))  # follows the decorator to the method
+
+        def call(*args, **kwargs):
+            signature.bind(self, *args, **kwargs)
+            self.calls.append((name, args, kwargs))
+
+        return call

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_plugins, random_stable_sam, repo_params
+from conftest import RecordingTracker, perturb_plugins, random_stable_sam, repo_params
 from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
@@ -213,7 +213,10 @@ def test_stage_writes_results_metrics_and_figure(project, tmp_path, monkeypatch)
         tmp_path / "f.png",
     )
     counter = EncoderCounter(monkeypatch)
-    results = automatic(params, paths)
+    tracker = RecordingTracker()  # checks each call against the real tracker's signature
+    results = automatic(params, paths, tracker=tracker)
+    (dataset,) = [(args, kwargs) for what, args, kwargs in tracker.calls if what == "log_dataset"]
+    assert dataset[0][0].name == "val" and dataset[1] == {"context": "evaluation"}  # the split, not the root
     assert counter.images == N_IMAGES  # one encoder pass per image for both models
     entry = results["sets"]["embedded"]
     assert entry["images"] == N_IMAGES and entry["instances"] > N_IMAGES

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_plugins, random_stable_sam, repo_params
+from conftest import RecordingTracker, perturb_plugins, random_stable_sam, repo_params
 from PIL import Image
 from segment_anything import SamPredictor
 from test_evaluate_stage import N_IMAGES, EncoderCounter, make_project
@@ -209,7 +209,10 @@ def test_stage_writes_results_metrics_curves_and_figure_without_the_encoder(proj
     params = repo_params(interactive={"max_clicks": 5}, tracking={"enabled": False})
     paths = _paths(project, tmp_path)
     counter = EncoderCounter(monkeypatch)
-    results = interactive(params, paths)
+    tracker = RecordingTracker()  # checks each call against the real tracker's signature
+    results = interactive(params, paths, tracker=tracker)
+    (dataset,) = [(args, kwargs) for what, args, kwargs in tracker.calls if what == "log_dataset"]
+    assert dataset[0][0].name == "val" and dataset[1] == {"context": "evaluation"}  # the split, not the root
     assert counter.images == 0 and results["embedding_cache"] == {"hits": N_IMAGES, "computed_here": 0}
     entry = results["sets"]["embedded"]
     assert entry["targets"] == N_IMAGES

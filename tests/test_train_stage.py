@@ -191,7 +191,7 @@ def test_ray_job_submit_trains_on_a_local_head(inputs, tmp_path):
             *(ray, "job", "submit", "--address", dashboard, "--working-dir", str(workdir)),
             *("--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint),
         ]
-        deadline = time.monotonic() + 180  # a busy machine starts the agent slowly
+        deadline = time.monotonic() + 300  # a busy machine starts the agent slowly
         while True:
             submit = subprocess.run(
                 submit_cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400
@@ -230,7 +230,10 @@ def test_two_cpu_workers_lower_the_loss_and_sam_stays_frozen(local_ray, inputs, 
     metrics = run(params, paths)
 
     assert metrics["steps"] == LOSS_STEPS and metrics["workers"] == 2
-    assert json.loads(paths.metrics.read_text()) == metrics
+    # The file holds what a rerun reproduces: the wall times are in the returned metrics (MLflow) only.
+    timings = {"fit_seconds", "images_per_s"}
+    assert timings <= set(metrics)
+    assert json.loads(paths.metrics.read_text()) == {k: v for k, v in metrics.items() if k not in timings}
     history = _history(paths.plot)
     assert [int(r["step"]) for r in history] == list(range(1, LOSS_STEPS + 1))
     losses = [r["loss"] for r in history]
