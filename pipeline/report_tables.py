@@ -418,10 +418,14 @@ def _annotator_table(title: str, results: Mapping[str, Any], note: str) -> list[
     lines = [f"### {title}", ""]
     for name, figures in results.get("sets", {}).items():
         models, delta, better = figures.get("models", {}), figures.get("delta", {}), figures.get("better", {})
+
+        def cell(value: Any) -> str:
+            return fmt(value, 0 if isinstance(value, int) else 2)  # counts (never 85 %) stay counts
+
         rows = [
-            ["SAM", *(fmt(models.get(BASELINE, {}).get(c), 2) for c in columns)],
-            ["Stable-SAM", *(fmt(models.get(MODEL, {}).get(c), 2) for c in columns)],
-            ["Δ", *(fmt(delta.get(c), 2) for c in columns)],
+            ["SAM", *(cell(models.get(BASELINE, {}).get(c)) for c in columns)],
+            ["Stable-SAM", *(cell(models.get(MODEL, {}).get(c)) for c in columns)],
+            ["Δ", *(cell(delta.get(c)) for c in columns)],
             [
                 "better",
                 *(
@@ -446,7 +450,7 @@ def annotator_markdown(automatic: Mapping[str, Any] | None, interactive: Mapping
         lines += _annotator_table(
             "Automatic masks (segment-anything's generator, class-agnostic COCO mask AP / AR)",
             automatic,
-            f"Masks ranked by `{automatic.get('score', '?')}`; {automatic.get('protocol', '')}.",
+            f"{automatic.get('protocol', '')}.",
         )
     if interactive is not None:
         lines += _annotator_table(
