@@ -9,14 +9,15 @@
 - ``remote``: download the items of ``fetch.items`` (names or groups of
   ``pipeline/manifest.json``) into the downloads folder (``--downloads``, default
   ``<out>/downloads``), resuming partial files, verifying size and sha256, and extract
-  archives safely into ``<out>/<extract_to>``. Checkpoints stay in the downloads folder (the
-  manifest records their path and verified sha256). A file already at its download path is
+  archives safely into ``<downloads>/extracted/<extract_to>``. Checkpoints and extracted data
+  stay in the downloads folder (the manifest records their paths and verified sha256s). A file already at its download path is
   verified, not downloaded. An unreachable URL fails the stage with what could not be reached
   and the exact paths to place the files at by hand.
 
   ``dvc repro`` deletes a stage's outputs before running it, so a downloads folder *outside*
   the output (``--downloads data/downloads``, git-ignored, not a DVC output) keeps partial
-  downloads, hand-placed files and the multi-GB checkpoints across reruns, out of the DVC cache.
+  downloads, hand-placed files, the multi-GB checkpoints and the extracted datasets across
+  reruns, out of the DVC cache: a rerun of fetch verifies them and downloads nothing.
 - ``local``: nothing is downloaded. ``fetch.local_root`` is laid out like the raw folder:
   checkpoints as ``<local_root>/<filename>`` (sha256-verified), datasets as the extracted
   folders ``<local_root>/<extract_to>`` (e.g. ``hqseg44k/DIS5K/DIS-TR/im``; their layout is
@@ -52,7 +53,7 @@ from pipeline.raw_data import (
     write_raw_manifest,
 )
 from pipeline.sources import generate_split
-from pipeline.sources.items import FetchError, fetch_local, fetch_remote
+from pipeline.sources.items import FetchError, extract_root, fetch_local, fetch_remote
 from pipeline.stage_cli import stage_argument_parser
 from stable_sam import data as data_lib
 
@@ -147,7 +148,8 @@ def _describe_datasets(
     for family in families:
         root = base / manifest.dataset_roots.get(family, family)
         entry: dict[str, Any] = {
-            "root": portable_path(root, out) if base == out else str(root.resolve()),
+            # Extracted downloads: relative to the raw folder when beside it; a user's own: absolute.
+            "root": portable_path(root, out) if params.fetch.source == "remote" else str(root.resolve()),
             "items": [i.name for i in items if i.dataset == family],
         }
         if family == "coco_val2017":
@@ -248,7 +250,7 @@ def run(
     record["downloads"] = portable_path(download_dir, out)
     if items and cfg.source == "remote":
         fetch_remote(items, params, out, download_dir, session, record)
-        metrics.update(_describe_datasets(manifest, items, out, out, params, record))
+        metrics.update(_describe_datasets(manifest, items, extract_root(download_dir), out, params, record))
     elif items and cfg.source == "local":
         local_root = fetch_local(items, params, out, download_dir, record)
         metrics.update(_describe_datasets(manifest, items, local_root, out, params, record))

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from stable_sam.build import build_stable_sam
+from stable_sam.build import SamWeights, build_stable_sam
 from stable_sam.checkpoint import save_plugin_checkpoint
 from stable_sam.config import config_from_dict, config_to_dict
-from stable_sam.data import open_dataset
+from stable_sam.data import SegmentationFolder, open_dataset
 from stable_sam.training import (
     AugmentedPromptDataset,
     LoopConfig,
@@ -47,6 +47,7 @@ from stable_sam.training import (
     train_loop,
 )
 
+from .cluster_checks import check_every_node, storage_location
 from .params import Params, load_params
 from .raw_data import read_raw_manifest
 from .ray_runtime import check_resources, init_ray, is_loopback_ray
@@ -55,7 +56,6 @@ from .run_state import (
     ResumeStateError,
     move_aside,
     read_state_file,
-    repo_root,
     run_fingerprint,
 )
 from .sam_source import SamSource, read_sam_source, write_json_atomic
@@ -86,14 +86,9 @@ class TrainPaths:
     plot: Path  # plots/train.csv
 
 
-def _open_training_set(spec: dict[str, str]):
-    if spec["kind"] == "folder":
-        return open_dataset(spec["path"], split="train")
-    return read_raw_manifest(spec["raw_dir"]).open_dataset(spec["name"], split="train")
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (also callable without Ray for world size 1)."""
+    import ray
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -106,17 +101,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
     source = SamSource(**config["sam"])
+    # Read and hashed once by the driver, shipped through Ray's object store: no worker re-reads
+    # the checkpoint or the dataset's file headers, and none needs the driver's paths for them.
+    weights: SamWeights = ray.get(config["sam_weights"])
+    pairs, dataset_name = ray.get(config["dataset"])
 
     # Module initialisers (the DRP's first layer) draw from the global RNG: seed it.
     torch.manual_seed(cfg.seed)
     model = build_stable_sam(
         sam_type=source.sam_type,
-        sam_checkpoint=source.checkpoint,
+        sam_checkpoint=weights,
         plugin_config=params.plugin,
         tuning=params.tuning,
     )
-    if model.sam_checkpoint_sha256 != source.sha256:
-        raise RuntimeError(f"{source.checkpoint} changed since the base stage hashed it ({source.sha256})")
     model.train()
     # Only the trainable tensors take part in DDP: the frozen SAM is neither broadcast nor reduced.
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [
@@ -139,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.info("resuming from the checkpoint of step %d", start_step)
 
     dataset = AugmentedPromptDataset(
-        _open_training_set(config["dataset"]),
+        SegmentationFolder(pairs, name=dataset_name, validate="none"),  # validated by the driver
         image_size=model.img_size,
         prompt_sampler=robust_prompt_sampler(cfg.prompts, mask_input_size=model.mask_input_size),
         seed=cfg.seed,
@@ -284,22 +281,13 @@ def set_aside_unusable_ray_run(run_dir: Path) -> Path | None:
     return aside
 
 
-def storage_location(storage_path: str | None) -> Path | str:
-    """Ray's run storage: a URI (``s3://``, ``gs://``, ...) is passed to Ray untouched (pyarrow's
-    filesystems resolve it); a local path is created. None: ``.ray_results`` in the checkout."""
-    if storage_path and "://" in storage_path:
-        return storage_path
-    storage = Path(storage_path).expanduser() if storage_path else repo_root() / ".ray_results"
-    storage.mkdir(parents=True, exist_ok=True)
-    return storage
-
-
-def _dataset_spec(params: Params, paths: TrainPaths) -> tuple[dict[str, str], Path]:
+def _training_set(params: Params, paths: TrainPaths) -> tuple[SegmentationFolder, Path]:
+    """The training set (opened once, on the driver: the workers get its pair list) and its folder."""
     if params.train.use_occlusion:
-        return {"kind": "folder", "path": str(paths.occluded.resolve())}, paths.occluded
-    name = params.data.train[0]
+        return open_dataset(str(paths.occluded.resolve()), split="train"), paths.occluded
     raw = read_raw_manifest(paths.raw)
-    return {"kind": "raw", "raw_dir": str(paths.raw.resolve()), "name": name}, raw.dataset_root(name)
+    name = params.data.train[0]
+    return raw.open_dataset(name, split="train"), raw.dataset_root(name)
 
 
 def _folder_digest(path: Path) -> str:
@@ -319,14 +307,14 @@ def run(
     crash through it; it could as well profile.
     """
     source = read_sam_source(paths.base)
-    spec, data_dir = _dataset_spec(params, paths)
+    training_set, data_dir = _training_set(params, paths)
     cfg, scaling = params.train, params.ray
     if cfg.batch_size % scaling.num_workers:
         raise ValueError(
             f"train.batch_size={cfg.batch_size} must be divisible by ray.num_workers={scaling.num_workers}"
         )
     local_batch = cfg.batch_size // scaling.num_workers
-    size = len(_open_training_set(spec))
+    size = len(training_set)
     steps_per_epoch = size // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"the training set has {size} images, fewer than one batch of {cfg.batch_size}")
@@ -363,6 +351,23 @@ def run(
     check_resources(
         num_workers=scaling.num_workers, cpus_per_worker=scaling.cpus_per_worker, use_gpu=scaling.use_gpu
     )
+    check_every_node(
+        storage=storage,
+        files=[str(p) for pair in training_set.pairs for p in (pair.image_path, pair.mask_path)],
+        use_gpu=scaling.use_gpu,
+    )
+    weights = SamWeights.read(source.checkpoint)
+    if weights.sha256 != source.sha256:
+        raise RuntimeError(
+            f"{source.checkpoint} changed since the base stage hashed it ({source.sha256}, now "
+            f"{weights.sha256}): rerun the base stage"
+        )
+    import ray
+
+    shipped = {
+        "sam_weights": ray.put(weights),
+        "dataset": ray.put((training_set.pairs, training_set.name)),
+    }
     if isinstance(storage, Path):  # a URI's run folder cannot be moved aside: the workers name it
         set_aside_unusable_ray_run(storage / run_name)
     # A single-machine Ray (ours, or the tests'): torch's rendezvous store and gloo on loopback too.
@@ -377,7 +382,7 @@ def run(
         train_loop_config={
             "params": config_to_dict(params),
             "sam": asdict(source),
-            "dataset": spec,
+            **shipped,
             "local_batch": local_batch,
             "total_steps": total_steps,
             "threads": max(1, int(scaling.cpus_per_worker)),
@@ -405,11 +410,9 @@ def run(
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
     history = state["history"]
 
+    del shipped  # the object store may drop the weights now
     model = build_stable_sam(
-        sam_type=source.sam_type,
-        sam_checkpoint=source.checkpoint,
-        plugin_config=params.plugin,
-        tuning=params.tuning,
+        sam_type=source.sam_type, sam_checkpoint=weights, plugin_config=params.plugin, tuning=params.tuning
     )
     model.load_trainable_state_dict(state["trainable"], source=f"Ray run {run_name}")
     plugin_path = paths.out / "plugin.pt"

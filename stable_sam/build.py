@@ -33,6 +33,7 @@ __all__ = [
     "OFFICIAL_SAM_TYPES",
     "SAM_TYPES",
     "SMALL_SAM_SPECS",
+    "SamWeights",
     "SmallSamSpec",
     "build_sam",
     "build_stable_sam",
@@ -170,13 +171,56 @@ def _describe(signature: tuple) -> str:
     return f"encoder width {width}, {depth} blocks, decoder width {'?' if decoder is None else decoder[1]}"
 
 
-def build_sam(sam_type: str, checkpoint: str | os.PathLike | None = None) -> tuple[Sam, str | None]:
+@dataclass(frozen=True)
+class SamWeights:
+    """A SAM checkpoint read and hashed once: its state dict, its file's sha256 and where it came from.
+
+    A distributed job reads the (1.2-2.4 GB) file once on the driver and ships this to its workers
+    (Ray's object store), so no worker re-reads or re-hashes it and no worker needs the driver's
+    path: ``build_sam(sam_type, weights)`` takes it wherever a checkpoint path is taken.
+    """
+
+    state: dict[str, torch.Tensor]
+    sha256: str
+    source: str
+
+    @classmethod
+    def read(cls, checkpoint: str | os.PathLike) -> SamWeights:
+        """Load ``checkpoint`` (official ``sam_vit_*.pth``, Meta's plain state dict, or one written by
+        the ``train_base`` stage; a ``{"model": state}`` wrapper is unwrapped) and hash the file.
+
+        Raises:
+          SamCheckpointError: a missing, unreadable or corrupt file, or one that is not a state dict.
+        """
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise SamCheckpointError(f"SAM checkpoint not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+            raise SamCheckpointError(
+                f"cannot read SAM checkpoint {path} ({type(err).__name__}: {err}); the file is corrupt or "
+                "not a torch state dict (an interrupted download? re-run the fetch stage)"
+            ) from err
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SamCheckpointError(
+                f"{path} is not a SAM state dict (a mapping of parameter names to tensors)"
+            )
+        return cls(state=state, sha256=file_sha256(path), source=str(path))
+
+
+def build_sam(
+    sam_type: str, checkpoint: str | os.PathLike | SamWeights | None = None
+) -> tuple[Sam, str | None]:
     """A plain SAM of ``sam_type`` with its checkpoint loaded strictly.
 
     Args:
       sam_type: "vit_b", "vit_l", "vit_h", "small" or "tiny".
       checkpoint: a SAM state-dict file (official ``sam_vit_*.pth`` or one written by the
-        ``train_base`` stage). None gives random weights (tests only).
+        ``train_base`` stage), or :class:`SamWeights` already read from one. None gives random
+        weights (tests only).
 
     Returns:
       (sam in eval mode, sha256 of the checkpoint file or None).
@@ -189,20 +233,8 @@ def build_sam(sam_type: str, checkpoint: str | os.PathLike | None = None) -> tup
     sam.eval()
     if checkpoint is None:
         return sam, None
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise SamCheckpointError(f"SAM checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        raise SamCheckpointError(
-            f"cannot read SAM checkpoint {path} ({type(err).__name__}: {err}); the file is corrupt or "
-            "not a torch state dict (an interrupted download? re-run the fetch stage)"
-        ) from err
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SamCheckpointError(f"{path} is not a SAM state dict (a mapping of parameter names to tensors)")
+    weights = checkpoint if isinstance(checkpoint, SamWeights) else SamWeights.read(checkpoint)
+    state, path = weights.state, weights.source
     expected_signature = _architecture_signature(sam.state_dict())
     found_signature = _architecture_signature(state)
     if found_signature != expected_signature:
@@ -216,13 +248,13 @@ def build_sam(sam_type: str, checkpoint: str | os.PathLike | None = None) -> tup
         sam.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise SamCheckpointError(f"{path} does not match a {sam_type} SAM: {err}") from err
-    return sam, file_sha256(path)
+    return sam, weights.sha256
 
 
 def build_stable_sam(
     *,
     sam_type: str,
-    sam_checkpoint: str | os.PathLike | None = None,
+    sam_checkpoint: str | os.PathLike | SamWeights | None = None,
     plugin_config: PluginConfig | None = None,
     tuning: TuningConfig | None = None,
     plugin_checkpoint: str | os.PathLike | None = None,
@@ -232,7 +264,8 @@ def build_stable_sam(
 
     Args:
       sam_type: "vit_b", "vit_l", "vit_h" (official) or "small"/"tiny" (small configurations).
-      sam_checkpoint: the SAM checkpoint (None: random weights, for tests).
+      sam_checkpoint: the SAM checkpoint, a path or :class:`SamWeights` read once (None: random
+        weights, for tests).
       plugin_config: plug-in configuration; default: the one stored in ``plugin_checkpoint``,
         else :class:`PluginConfig` defaults. Giving one that disagrees with the checkpoint is an
         error.

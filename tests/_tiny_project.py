@@ -279,3 +279,38 @@ def stop_process_tree(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
     kill_pids(sorted(pids - {os.getpid()}))
+
+
+def start_logged(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def copy_checkout(dest: Path) -> None:
+    """What a clone of the working tree holds: tracked files plus untracked, not ignored ones."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for raw in listed:
+        if not raw:
+            continue
+        source = REPO / raw.decode()
+        if source.is_file():  # deleted-but-tracked files are not in a clone of the working tree
+            target = dest / raw.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)

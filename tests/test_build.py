@@ -153,3 +153,23 @@ def test_tuning_variant_checkpoint_holds_its_extra_weights(tmp_path):
     assert any("lora_a" in k for k in ckpt.state_dict)
     loaded = build_stable_sam(sam_type="tiny", plugin_checkpoint=tmp_path / "lora.pt")
     assert loaded.tuning == tuning
+
+
+def test_weights_read_once_build_the_same_sam_and_survive_pickling(sam_checkpoints):
+    # The train stage's driver reads and hashes the checkpoint once and ships SamWeights to its
+    # workers through Ray's object store (a pickle): they must build the very same SAM.
+    import pickle
+
+    from stable_sam.build import SamWeights
+
+    weights = pickle.loads(pickle.dumps(SamWeights.read(sam_checkpoints["tiny_a"])))
+    assert weights.sha256 == file_sha256(sam_checkpoints["tiny_a"])
+    from_weights, sha = build_sam("tiny", weights)
+    from_file, _ = build_sam("tiny", sam_checkpoints["tiny_a"])
+    assert sha == weights.sha256
+    for name, tensor in from_file.state_dict().items():
+        assert torch.equal(tensor, from_weights.state_dict()[name]), name
+    model = build_stable_sam(sam_type="tiny", sam_checkpoint=weights)
+    assert model.sam_checkpoint_sha256 == weights.sha256
+    with pytest.raises(SamCheckpointError, match=r"small\.pth is a small SAM checkpoint"):
+        build_sam("tiny", SamWeights.read(sam_checkpoints["small"]))

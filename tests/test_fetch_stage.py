@@ -126,7 +126,10 @@ def test_remote_download_verify_extract_and_rerun_is_a_no_op(tmp_path, files):
             path == out / "downloads" / "ckpt.pth" and digest == hashlib.sha256(files["ckpt.pth"]).hexdigest()
         )
         assert not (out / "downloads" / "DIS5K.zip").exists()  # extracted, archive removed
-        assert (out / "hqseg44k" / "DIS5K" / "DIS-TR" / "im" / "a.jpg").is_file()
+        # Extracted beside the downloads, outside the DVC output (data/raw holds the manifest).
+        extracted = out / "downloads" / "extracted" / "hqseg44k"
+        assert (extracted / "DIS5K" / "DIS-TR" / "im" / "a.jpg").is_file()
+        assert manifest.dataset_root("DIS-VD") == extracted
         # Bad files found once at fetch time, with their reasons, then excluded downstream.
         skipped = manifest.content["skipped"]["hqseg44k"]
         reasons = {Path(s["path"]).name: s["reason"] for s in skipped}
@@ -390,3 +393,25 @@ def test_later_stages_decode_check_what_fetch_did_not(tmp_path):
     ds = manifest.open_dataset(str(mine), split="val")
     assert ds.validate == "full" and [ds[i].name for i in range(len(ds))] == ["a", "c"]
     assert [s.path for s in ds.skipped] == [str(mine / "im" / "b.jpg")]
+
+
+def test_a_rerun_after_dvc_deleted_the_raw_folder_downloads_nothing(tmp_path, files):
+    # `dvc repro` deletes data/raw (the output) before rerunning fetch after any change to its
+    # code or params; the downloads folder beside it is not an output: the extracted archives
+    # there are verified and reused, even with keep_archives=false (the zip is gone).
+    import shutil
+
+    with FileServer({f"/{k}": v for k, v in files.items()}) as server:
+        file_manifest = load_file_manifest(_manifest(tmp_path, server.url, files))
+        raw, downloads = tmp_path / "data" / "raw", tmp_path / "data" / "downloads"
+        params = _params(source="remote", items=["sam_vit_b", "hqseg44k"])
+        run(params, FetchPaths(raw, downloads=downloads), file_manifest=file_manifest)
+        first = read_raw_manifest(raw).content
+        requests = len(server.requests)
+        shutil.rmtree(raw)
+        run(params, FetchPaths(raw, downloads=downloads), file_manifest=file_manifest)
+        assert len(server.requests) == requests
+        manifest = read_raw_manifest(raw)
+        assert manifest.content["datasets"] == first["datasets"]
+        assert manifest.content["datasets"]["hqseg44k"]["root"] == "../downloads/extracted/hqseg44k"
+        assert len(manifest.open_dataset("DIS-VD", split="val")) == 1

@@ -26,7 +26,13 @@ from typing import Any
 
 import pytest
 import yaml
-from _tiny_project import REPO, kill_pids, pids_with_cmdline, random_tiny_sam_checkpoint, subprocess_env
+from _tiny_project import (
+    copy_checkout,
+    kill_pids,
+    pids_with_cmdline,
+    random_tiny_sam_checkpoint,
+    subprocess_env,
+)
 
 from stable_sam.checkpoint import file_sha256
 
@@ -84,24 +90,6 @@ def _set(tree: dict, dotted: str, value: Any) -> bool:
     return True
 
 
-def _copy_checkout(dest: Path) -> None:
-    """What a clone of the working tree holds: tracked files plus untracked, not ignored ones."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    ).stdout.split(b"\0")
-    for raw in listed:
-        if not raw:
-            continue
-        source = REPO / raw.decode()
-        if source.is_file():  # deleted-but-tracked files are not in a clone of the working tree
-            target = dest / raw.decode()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-
-
 class Repo:
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.root = root
@@ -141,7 +129,7 @@ def _downstream(repo: Repo, stage: str) -> set[str]:
 @pytest.fixture
 def repo(tmp_path):
     root = tmp_path / "repo"
-    _copy_checkout(root)
+    copy_checkout(root)
     params_file = root / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     missing = sorted(k for k, v in TINY_PARAMS.items() if not _set(params, k, v) and k in REQUIRED)

@@ -43,7 +43,7 @@ def test_enough_resources_pass():
 
 
 def test_a_storage_uri_reaches_ray_untouched_and_a_path_is_created(tmp_path):
-    from pipeline.train import storage_location
+    from pipeline.cluster_checks import storage_location
 
     assert storage_location("s3://bucket/ray_results") == "s3://bucket/ray_results"
     assert not (tmp_path / "s3:").exists()

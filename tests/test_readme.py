@@ -62,3 +62,23 @@ def test_the_readme_example_names_only_files_that_exist_after_make_repro():
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_the_readme_job_upload_excludes_keep_every_source_file():
+    # `ray job submit --working-dir .` with the README's excludes (gitignore patterns, matched the
+    # way Ray matches them): the outputs stay behind, no module of the project does ("data/"
+    # unanchored would also have dropped stable_sam/data/, which the cluster rehearsal found).
+    import json
+    import subprocess
+
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    excludes = json.loads(re.search(r'"excludes": (\[[^\]]*\])', (REPO / "README.md").read_text()).group(1))
+    spec = PathSpec.from_lines("gitwildmatch", excludes)
+    tracked = subprocess.run(
+        ["git", "ls-files", "stable_sam", "pipeline", "configs", "params.yaml"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    assert tracked and [f for f in tracked if spec.match_file(f)] == []
+    for output in ("data/raw/manifest.json", "models/stable_sam/plugin.pt", ".venv/bin/python", "mlflow.db"):
+        assert spec.match_file(output), output

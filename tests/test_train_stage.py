@@ -36,9 +36,11 @@ from _tiny_project import (
     REPO,
     TINY_TRAIN_OVERRIDES,
     free_port,
+    http_ok,
     local_ray_session,
     pids_with_cmdline,
     random_tiny_sam_checkpoint,
+    start_logged,
     state_tensors_equal,
     stop_process_tree,
     subprocess_env,
@@ -144,7 +146,7 @@ def test_ray_job_submit_trains_on_a_local_head(inputs, tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     dashboard = f"http://127.0.0.1:{free_port()}"
     env = subprocess_env()
-    head = _start(
+    head = start_logged(
         [
             ray,
             "start",
@@ -163,7 +165,7 @@ def test_ray_job_submit_trains_on_a_local_head(inputs, tmp_path):
     )
     try:
         wait_for(
-            lambda: _http_ok(f"{dashboard}/api/version") or head.poll() is not None,
+            lambda: http_ok(f"{dashboard}/api/version") or head.poll() is not None,
             timeout=120,
             what="the head",
         )
@@ -344,13 +346,6 @@ def test_worker_crash_after_a_checkpoint_resumes_to_the_same_weights(
     _assert_same_run(paths, uninterrupted)
 
 
-def _start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    with open(log, "w") as handle:
-        return subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
 def test_killed_job_restarts_from_its_last_checkpoint(inputs, uninterrupted, tmp_path):
     occluded, base, _ = inputs
     storage = tmp_path / "ray"
@@ -367,7 +362,7 @@ def test_killed_job_restarts_from_its_last_checkpoint(inputs, uninterrupted, tmp
     ray_tmp = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
     env = subprocess_env(RAY_TMPDIR=str(ray_tmp))
     try:
-        first = _start(cmd, tmp_path / "first.log", env, code)
+        first = start_logged(cmd, tmp_path / "first.log", env, code)
         try:
             wait_for(
                 lambda: _latest_checkpoint_step(storage) is not None or first.poll() is not None,
@@ -382,7 +377,7 @@ def test_killed_job_restarts_from_its_last_checkpoint(inputs, uninterrupted, tmp
         killed_at = _latest_checkpoint_step(storage)
         assert killed_at is not None and 0 < killed_at < RESUME_STEPS
 
-        second = _start(cmd, tmp_path / "second.log", env, code)
+        second = start_logged(cmd, tmp_path / "second.log", env, code)
         try:
             second.wait(timeout=300)
         finally:
@@ -423,7 +418,7 @@ def test_the_stages_own_ray_listens_on_loopback_only(inputs, tmp_path):
     env = subprocess_env(RAY_TMPDIR=str(ray_tmp))
     for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE"):
         env.pop(key)
-    stage = _start(cmd, tmp_path / "stage.log", env, REPO)
+    stage = start_logged(cmd, tmp_path / "stage.log", env, REPO)
     sockets: set[tuple[str, str, int]] = set()
     try:
         root = psutil.Process(stage.pid)
@@ -440,13 +435,3 @@ def test_the_stages_own_ray_listens_on_loopback_only(inputs, tmp_path):
     assert ray_sockets, f"no Ray server socket was seen: {sorted(sockets)}"
     exposed = sorted(s for s in sockets if not is_loopback_address(s[1]))
     assert not exposed, f"listening on non-loopback addresses: {exposed}"
-
-
-def _http_ok(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False

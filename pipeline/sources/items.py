@@ -26,6 +26,18 @@ __all__ = ["FetchError", "fetch_local", "fetch_remote"]
 logger = logging.getLogger(__name__)
 
 _MARKER = ".fetch-complete.json"  # in an extracted folder: what was extracted, from which file
+EXTRACTED = "extracted"  # archives are extracted into <downloads>/extracted/<extract_to>
+
+
+def extract_root(download_dir: Path) -> Path:
+    """Where remote archives are extracted: inside the downloads folder, outside the DVC output.
+
+    ``dvc repro`` deletes ``data/raw`` before rerunning fetch (any change to its code or params)
+    and caches what it holds: extracted data there would be re-downloaded (``keep_archives:
+    false``) or re-extracted, and cached a second time (8.4 GB of HQSeg-44K). Beside the
+    downloads it survives reruns; ``data/raw/manifest.json`` points at it (relative path).
+    """
+    return download_dir / EXTRACTED
 
 
 class FetchError(RuntimeError):
@@ -56,7 +68,7 @@ def _fetch_remote_item(
     cfg = params.fetch
     _check_trust(item, params)
     if item.kind == "archive":
-        target = out / item.extract_to
+        target = extract_root(download_dir) / item.extract_to
         marker = target / _MARKER
         if marker.is_file() and not _missing_expected(target, item):
             done = json.loads(marker.read_text())
@@ -99,7 +111,7 @@ def _fetch_remote_item(
             "verified": entry["verified"],
         }
     else:
-        target = out / item.extract_to
+        target = extract_root(download_dir) / item.extract_to
         safe_extract(result.path, target)
         missing = _missing_expected(target, item)
         if missing:
