@@ -26,7 +26,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	if [ -n "$(TORCH_PIN)" ]; then $(BIN)/pip install --quiet $(TORCH_PIN); fi
-	$(BIN)/pip install --quiet -e ".[pipeline,dev,onnx]"
+	$(BIN)/pip install --quiet -e ".[pipeline,cluster,dev,onnx]"
 	touch $@
 
 setup: $(BIN)/.installed
