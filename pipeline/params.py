@@ -73,6 +73,7 @@ __all__ = [
     "ParamsError",
     "RayConfig",
     "SamConfig",
+    "SynthesizeConfig",
     "TrackingConfig",
     "TrainConfig",
     "Variant",
@@ -158,6 +159,15 @@ class DataConfig:
     hflip_probability: float = option(PROBABILITY)
 
     rules: ClassVar[tuple[Rule, ...]] = (ordered("lsj_min_scale", "lsj_max_scale"),)
+
+
+@dataclass
+class SynthesizeConfig:
+    """How the synthesize stage runs (not what it makes: the ``occlusion`` section is that)."""
+
+    # Processes that synthesise images in parallel; 0 or 1: in-process, null: one per core. The
+    # output is byte-identical for any count, so dvc.yaml does not list it (a change reruns nothing).
+    workers: int | None = option(nullable(integer(0)))
 
 
 @dataclass
@@ -275,6 +285,7 @@ class Params:
     embedded: EmbeddedConfig
     data: DataConfig
     occlusion: OcclusionConfig
+    synthesize: SynthesizeConfig
     base: BaseTrainConfig
     train: TrainConfig
     ray: RayConfig

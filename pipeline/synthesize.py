@@ -15,8 +15,11 @@ random training image is pasted over the image's target object
     <out>/examples.png    a few before/after examples
 
 Every output draws from its own generator seeded by ``(occlusion.seed, image index, copy)``, so
-the folder is byte-identical for a seed. It is built in a temporary sibling folder and renamed
-into place when complete. Occluded images are re-encoded as JPEG (quality 95).
+the folder is byte-identical for a seed, and the images can be synthesised in any order:
+``synthesize.workers`` > 1 spreads them over a pool of processes (``null``: one per core), whose
+folder is byte for byte the single process's (the manifest is assembled in image order). It is
+built in a temporary sibling folder and renamed into place when complete. Occluded images are
+re-encoded as JPEG (quality 95).
 
 The target object of an image is its GT mask; with instance maps (the embedded dataset) the
 other objects are updated too (partially occluded: visible part; fully occluded: dropped) and
@@ -30,15 +33,18 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -50,7 +56,7 @@ from stable_sam.atomic_write import write_bytes_atomic
 from stable_sam.config import OcclusionConfig
 from stable_sam.occlusion import OcclusionResult, synthesize_occlusion
 
-__all__ = ["SynthesizePaths", "main", "run"]
+__all__ = ["SynthesisError", "SynthesizePaths", "main", "run", "worker_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,87 +177,127 @@ def _examples_figure(path: Path, examples: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+REASON_NOT_DRAWN = "not drawn"
+REASON_OCCLUDER_UNUSABLE = "occluder image unusable"
+REASON_NO_PLACEMENT = "no placement keeps the target visible"
+
+
+class SynthesisError(RuntimeError):
+    """Synthesising the outputs of one training image failed (the message names the image)."""
+
+
+@dataclass
+class _Drawn:
+    """One synthesised occlusion (not yet written) and what the examples figure shows of it."""
+
+    result: OcclusionResult
+    occluder: data_lib.Sample
+    occluder_mask: np.ndarray
+
+
+@dataclass
+class _Outcome:
+    """What one training image gave: its outputs' manifest entries, in copy order.
+
+    ``visible``: per entry, the visible fraction unrounded (None: not occluded); ``unusable``:
+    (source index, reason) of every unusable sample met on the way, in the order met, repeats
+    included (the merge records each once, where a single pass would have met it first).
+    """
+
+    index: int
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    visible: list[float | None] = field(default_factory=list)
+    unusable: list[tuple[int, str]] = field(default_factory=list)
+
+
 class _Synthesis:
-    """One pass over the training images: the occluded (or linked) outputs and their provenance."""
+    """Draws and writes the outputs of one training image at a time (in any process: picklable).
+
+    Every output draws from its own generator seeded by ``(seed, image index, copy)`` and writes
+    only its own files, so the images can be synthesised in any order and in several processes;
+    :class:`_Merged` puts the outcomes back in image order.
+    """
 
     def __init__(
         self, sources: list[_Source], *, cfg: OcclusionConfig, raw: Path, work: Path, instances: bool
     ):
         self.sources, self.cfg, self.raw, self.work, self.instances = sources, cfg, raw, work, instances
-        self.bad: dict[int, str] = {}
-        self.skipped: list[dict[str, str]] = []
-        self.entries: list[dict[str, Any]] = []
-        self.examples: list[dict[str, Any]] = []
-        self.fallback_examples: list[dict[str, Any]] = []
-        self.totals = dict.fromkeys(
-            ("occluded", "unchanged", "placement_failed", "occluder_unusable", "dropped_objects"), 0
-        )
-        self.visible: list[float] = []
+        self._bad: dict[int, str] = {}  # this process's unusable samples (index -> reason)
 
     def rel(self, path: Path | None) -> str | None:
         return portable_path(path, self.raw) if path is not None else None
 
-    def load(self, index: int) -> data_lib.Sample | None:
-        """The sample of ``sources[index]``, or None (recorded once as skipped) when it is unusable."""
-        if index in self.bad:
-            return None
+    def name(self, index: int, copy: int) -> str:
         source = self.sources[index]
-        try:
-            return data_lib.load_sample(source.pair)
-        except data_lib.BadSampleError as err:
-            self.bad[index] = str(err)
-            logger.warning("skipping %s: %s", source.pair.image_path, err)
-            self.skipped.append(
-                {
-                    "path": portable_path(source.pair.image_path, self.raw),
-                    "reason": str(err),
-                    "dataset": source.dataset,
-                }
-            )
-            return None
+        return source.out_name if self.cfg.copies == 1 else f"{source.out_name}__c{copy}"
 
-    def add(self, index: int, sample: data_lib.Sample, copy: int) -> None:
-        """Output ``copy`` of image ``index``: occluded with probability ``cfg.probability``, else linked."""
+    def load(self, index: int, unusable: list[tuple[int, str]]) -> data_lib.Sample | None:
+        """The sample of ``sources[index]``, or None (appended to ``unusable``) when it is unusable."""
+        if index not in self._bad:
+            try:
+                return data_lib.load_sample(self.sources[index].pair)
+            except data_lib.BadSampleError as err:
+                self._bad[index] = str(err)
+        unusable.append((index, self._bad[index]))
+        return None
+
+    def image(self, index: int) -> _Outcome:
+        """Every output of image ``index``, written into the work folder; a failure names the image."""
+        try:
+            return self._image(index)
+        except Exception as err:
+            source = self.sources[index]
+            raise SynthesisError(
+                f"occlusion synthesis of {source.dataset}:{source.pair.name} ({source.pair.image_path}) "
+                f"failed: {type(err).__name__}: {err}"
+            ) from err
+
+    def _image(self, index: int) -> _Outcome:
+        outcome = _Outcome(index)
+        sample = self.load(index, outcome.unusable)
+        if sample is None:
+            return outcome
+        source = self.sources[index]
+        for copy in range(self.cfg.copies):
+            name = self.name(index, copy)
+            entry, drawn = self.draw(index, sample, copy, outcome.unusable)
+            if drawn is not None:
+                _write_occluded(self.work, name, drawn.result, self.instances)
+            else:
+                _link(source.pair.image_path, self.work / "im" / f"{name}.jpg")
+                _link(source.pair.mask_path, self.work / "gt" / f"{name}.png")
+                if self.instances:
+                    _link(source.pair.instances_path, self.work / "instances" / f"{name}.png")
+            outcome.entries.append(entry)
+            outcome.visible.append(None if drawn is None else drawn.result.visible_fraction)
+        return outcome
+
+    def draw(
+        self, index: int, sample: data_lib.Sample, copy: int, unusable: list[tuple[int, str]]
+    ) -> tuple[dict[str, Any], _Drawn | None]:
+        """Output ``copy`` of image ``index``: its manifest entry, and the occlusion (with
+        probability ``cfg.probability``; None: the image stays as it is). Writes nothing."""
         source, cfg = self.sources[index], self.cfg
-        name = source.out_name if cfg.copies == 1 else f"{source.out_name}__c{copy}"
         generator = np.random.default_rng(np.random.SeedSequence([cfg.seed, index, copy]))
         entry: dict[str, Any] = {
-            "name": name,
+            "name": self.name(index, copy),
             "source": f"{source.dataset}:{source.pair.name}",
             "source_image": self.rel(source.pair.image_path),
             "occluded": False,
         }
-        if len(self.sources) > 1 and generator.random() < cfg.probability:
-            self._occlude(index, sample, name, entry, generator)
-        else:
-            entry["reason"] = "not drawn"
-        if not entry["occluded"]:
-            _link(source.pair.image_path, self.work / "im" / f"{name}.jpg")
-            _link(source.pair.mask_path, self.work / "gt" / f"{name}.png")
-            if self.instances:
-                _link(source.pair.instances_path, self.work / "instances" / f"{name}.png")
-            self.totals["unchanged"] += 1
-        self.entries.append(entry)
-
-    def _occlude(
-        self,
-        index: int,
-        sample: data_lib.Sample,
-        name: str,
-        entry: dict[str, Any],
-        generator: np.random.Generator,
-    ) -> None:
+        if len(self.sources) < 2 or generator.random() >= cfg.probability:
+            entry["reason"] = REASON_NOT_DRAWN
+            return entry, None
         other = int(generator.integers(len(self.sources) - 1))
         other += other >= index  # another image, never the same one
-        occluder = self.load(other)
+        occluder = self.load(other, unusable)
         if occluder is None:
-            entry["reason"] = "occluder image unusable"
-            self.totals["occluder_unusable"] += 1
-            return
+            entry["reason"] = REASON_OCCLUDER_UNUSABLE
+            return entry, None
         occ_mask, occ_id = _occluder_object(occluder, generator)
         masks, object_ids, target = _objects(sample)
         result = synthesize_occlusion(
-            sample.image, masks, occluder.image, occ_mask, target=target, generator=generator, config=self.cfg
+            sample.image, masks, occluder.image, occ_mask, target=target, generator=generator, config=cfg
         )
         entry["occluder"] = {
             "source": f"{self.sources[other].dataset}:{self.sources[other].pair.name}",
@@ -259,35 +305,116 @@ class _Synthesis:
             "instance": occ_id,
         }
         if result is None:
-            entry["reason"] = "no placement keeps the target visible"
-            self.totals["placement_failed"] += 1
-            return
-        _write_occluded(self.work, name, result, self.instances)
+            entry["reason"] = REASON_NO_PLACEMENT
+            return entry, None
         entry.update(
             occluded=True,
             placement=result.placement.to_dict(),
             visible_fraction=round(result.visible_fraction, 5),
             dropped_objects=[object_ids[i] for i in result.dropped],  # ids of the source instance map
         )
-        self.totals["occluded"] += 1
-        self.totals["dropped_objects"] += len(result.dropped)
-        self.visible.append(result.visible_fraction)
-        # The figure shows clearly visible occlusions first (tiny ones as a fallback).
-        pool = self.examples if result.visible_fraction < 0.95 else self.fallback_examples
-        if len(pool) < self.cfg.num_examples:
-            pool.append(
-                {
-                    "name": name,
-                    "before": sample.image,
-                    "before_mask": sample.mask,
-                    "occluder_image": occluder.image,
-                    "occluder_mask": occ_mask,
-                    "after": result.image,
-                    "after_mask": result.masks[result.target],
-                    "pasted": result.occluder_mask,
-                    "visible": result.visible_fraction,
-                }
-            )
+        return entry, _Drawn(result, occluder, occ_mask)
+
+    def example(self, index: int, copy: int) -> dict[str, Any]:
+        """The before / occluder / after panels of an occluded output, drawn again (same generator)."""
+        sample = self.load(index, [])
+        entry, drawn = self.draw(index, sample, copy, [])
+        result = drawn.result
+        return {
+            "name": entry["name"],
+            "before": sample.image,
+            "before_mask": sample.mask,
+            "occluder_image": drawn.occluder.image,
+            "occluder_mask": drawn.occluder_mask,
+            "after": result.image,
+            "after_mask": result.masks[result.target],
+            "pasted": result.occluder_mask,
+            "visible": result.visible_fraction,
+        }
+
+
+class _Merged:
+    """The outcomes put back in image order: entries, totals, visible fractions, skipped files,
+    and which outputs the examples figure shows: what a single pass in image order records."""
+
+    def __init__(self, job: _Synthesis, skipped: list[dict[str, str]]):
+        self.job = job
+        self.skipped = list(skipped)
+        self.entries: list[dict[str, Any]] = []
+        self.visible: list[float] = []
+        self.totals = dict.fromkeys(
+            ("occluded", "unchanged", "placement_failed", "occluder_unusable", "dropped_objects"), 0
+        )
+        self._recorded: set[int] = set()
+        # (image index, copy) of the occluded outputs the figure shows: clearly visible occlusions
+        # first, in image order (tiny ones as a fallback).
+        self._examples: list[tuple[int, int]] = []
+        self._fallback_examples: list[tuple[int, int]] = []
+
+    def add(self, outcome: _Outcome) -> None:
+        for index, reason in outcome.unusable:
+            if index not in self._recorded:
+                self._recorded.add(index)
+                pair = self.job.sources[index].pair
+                logger.warning("skipping %s: %s", pair.image_path, reason)
+                self.skipped.append(
+                    {
+                        "path": portable_path(pair.image_path, self.job.raw),
+                        "reason": reason,
+                        "dataset": self.job.sources[index].dataset,
+                    }
+                )
+        for copy, (entry, visible) in enumerate(zip(outcome.entries, outcome.visible)):
+            self.entries.append(entry)
+            if visible is None:
+                self.totals["unchanged"] += 1
+                self.totals["placement_failed"] += entry["reason"] == REASON_NO_PLACEMENT
+                self.totals["occluder_unusable"] += entry["reason"] == REASON_OCCLUDER_UNUSABLE
+                continue
+            self.totals["occluded"] += 1
+            self.totals["dropped_objects"] += len(entry["dropped_objects"])
+            self.visible.append(visible)
+            pool = self._examples if visible < 0.95 else self._fallback_examples
+            if len(pool) < self.job.cfg.num_examples:
+                pool.append((outcome.index, copy))
+
+    def examples(self) -> list[dict[str, Any]]:
+        chosen = (self._examples + self._fallback_examples)[: self.job.cfg.num_examples]
+        return [self.job.example(index, copy) for index, copy in chosen]
+
+
+# The pool's workers: the job is sent once to each (initializer), then only image indices.
+_WORKER_JOB: _Synthesis | None = None
+
+
+def _start_worker(job: _Synthesis) -> None:
+    global _WORKER_JOB
+    torch.set_num_threads(1)  # one process per core already
+    _WORKER_JOB = job
+
+
+def _worker_image(index: int) -> _Outcome:
+    return _WORKER_JOB.image(index)
+
+
+def worker_count(workers: int | None) -> int:
+    """``synthesize.workers``: None is every core this process may use; 0 and 1 run in-process."""
+    if workers is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return workers
+
+
+def _outcomes(job: _Synthesis, workers: int) -> Iterator[_Outcome]:
+    """Every image's outcome, in image order; with ``workers`` > 1 from a pool of processes."""
+    indices = range(len(job.sources))
+    if workers <= 1 or len(indices) < 2:
+        yield from map(job.image, indices)
+        return
+    # spawn: a forked child would inherit the parent's OpenMP and thread state (torch), which can hang.
+    context = multiprocessing.get_context("spawn")
+    chunksize = max(1, min(32, len(indices) // (4 * workers)))
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job,)) as pool:
+        yield from pool.map(_worker_image, indices, chunksize=chunksize)
 
 
 def _sources(
@@ -314,12 +441,12 @@ def _sources(
 
 
 def _manifest(
-    params: Params, raw_dir: Path, job: _Synthesis, source_info: list[dict[str, Any]]
+    params: Params, raw_dir: Path, merged: _Merged, source_info: list[dict[str, Any]]
 ) -> dict[str, Any]:
     config = dataclasses.asdict(params.occlusion)
     raw_digest = hashlib.sha256((raw_dir / RAW_MANIFEST_NAME).read_bytes()).hexdigest()
     identity = json.dumps(
-        {"config": config, "train": list(params.data.train), "raw": raw_digest, "outputs": job.entries},
+        {"config": config, "train": list(params.data.train), "raw": raw_digest, "outputs": merged.entries},
         sort_keys=True,
     )
     return {
@@ -331,31 +458,40 @@ def _manifest(
         "train": list(params.data.train),
         "sources": source_info,
         "raw_manifest_sha256": raw_digest,
-        "layout": {"im": ".jpg", "gt": ".png", "instances": ".png" if job.instances else None},
+        "layout": {"im": ".jpg", "gt": ".png", "instances": ".png" if merged.job.instances else None},
         "totals": {
-            "source_images": len(job.sources),
-            "outputs": len(job.entries),
-            **job.totals,
-            "skipped": len(job.skipped),
-            "mean_visible_fraction": round(float(np.mean(job.visible)), 5) if job.visible else None,
+            "source_images": len(merged.job.sources),
+            "outputs": len(merged.entries),
+            **merged.totals,
+            "skipped": len(merged.skipped),
+            "mean_visible_fraction": round(float(np.mean(merged.visible)), 5) if merged.visible else None,
         },
-        "skipped": job.skipped,
-        "outputs": job.entries,
+        "skipped": merged.skipped,
+        "outputs": merged.entries,
     }
 
 
 def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
     """Build the occlusion-augmented training set into ``paths.out`` (written aside, then renamed).
 
+    With ``synthesize.workers`` > 1 the images are synthesised by a pool of processes; the folder
+    is byte for byte the one a single process writes (every output has its own generator and
+    files, and the manifest is assembled in image order).
+
     Args:
-      params: the full params (sections ``data`` for the training set names and ``occlusion``).
+      params: the full params (sections ``data`` for the training set names, ``occlusion``, and
+        ``synthesize`` for the number of processes).
       paths: the raw-data folder (with its manifest) and the output folder.
 
     Returns:
-      Flat numeric metrics: counts, mean visible fraction, seconds, MB.
+      Flat numeric metrics: counts, mean visible fraction, workers, seconds, MB.
+
+    Raises:
+      SynthesisError: an image failed (in whichever process), named in the message.
     """
     start = time.perf_counter()
     cfg = params.occlusion
+    workers = worker_count(params.synthesize.workers)
     sources, skipped, source_info = _sources(params, paths.raw)
     with_instances = all(s.pair.instances_path is not None for s in sources)
 
@@ -368,21 +504,18 @@ def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
     for sub in ("im", "gt", *(("instances",) if with_instances else ())):
         (work / sub).mkdir()
     job = _Synthesis(sources, cfg=cfg, raw=paths.raw, work=work, instances=with_instances)
-    job.skipped.extend(skipped)
+    merged = _Merged(job, skipped)
     try:
-        for index, _ in enumerate(tqdm(sources, desc="occlusion", unit="img", mininterval=10)):
-            sample = job.load(index)
-            if sample is None:
-                continue
-            for copy in range(cfg.copies):
-                job.add(index, sample, copy)
-        if not job.entries:
+        outcomes = _outcomes(job, workers)
+        for outcome in tqdm(outcomes, total=len(sources), desc="occlusion", unit="img", mininterval=10):
+            merged.add(outcome)
+        if not merged.entries:
             raise data_lib.DatasetError(f"no usable training image in {params.data.train}")
-        manifest = _manifest(params, paths.raw, job, source_info)
+        manifest = _manifest(params, paths.raw, merged, source_info)
         _atomic_bytes(
             work / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
         )
-        _examples_figure(work / "examples.png", (job.examples + job.fallback_examples)[: cfg.num_examples])
+        _examples_figure(work / "examples.png", merged.examples())
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
@@ -392,20 +525,21 @@ def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
 
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     seconds = time.perf_counter() - start
-    totals = job.totals
+    totals = merged.totals
     logger.info(
-        "occlusion: %d outputs (%d occluded) from %d images, %.1f s, %.2f MB in %s",
-        len(job.entries), totals["occluded"], len(sources), seconds, size / 1e6, out,
+        "occlusion: %d outputs (%d occluded) from %d images, %d worker(s), %.1f s, %.2f MB in %s",
+        len(merged.entries), totals["occluded"], len(sources), max(1, workers), seconds, size / 1e6, out,
     )  # fmt: skip
     return {
         "source_images": float(len(sources)),
-        "outputs": float(len(job.entries)),
+        "outputs": float(len(merged.entries)),
         "occluded": float(totals["occluded"]),
         "unchanged": float(totals["unchanged"]),
         "placement_failed": float(totals["placement_failed"]),
         "dropped_objects": float(totals["dropped_objects"]),
-        "skipped": float(len(job.skipped)),
-        "mean_visible_fraction": float(np.mean(job.visible)) if job.visible else 0.0,
+        "skipped": float(len(merged.skipped)),
+        "mean_visible_fraction": float(np.mean(merged.visible)) if merged.visible else 0.0,
+        "workers": float(max(1, workers)),
         "seconds": round(seconds, 3),
         "mb": round(size / 1e6, 3),
     }

@@ -95,7 +95,8 @@ def test_the_stage_sections_have_no_defaults():
         and value.__module__ == pipeline_params.__name__
         and value not in (Variant, Overlay)
     ]
-    assert len(sections) == 11  # sam fetch embedded data base train ray eval ablate tracking + Params
+    # sam fetch embedded data synthesize base train ray eval ablate tracking + Params
+    assert len(sections) == 12
     for section in sections:
         for f in dataclasses.fields(section):
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (

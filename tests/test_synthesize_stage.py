@@ -15,15 +15,16 @@ from pipeline.fetch import FetchPaths
 from pipeline.fetch import run as fetch
 from pipeline.params import Params
 from pipeline.raw_data import write_raw_manifest
-from pipeline.synthesize import SynthesizePaths, main, run
+from pipeline.synthesize import SynthesisError, SynthesizePaths, main, run, worker_count
 from stable_sam.config import ConfigError, check_config
 
 
-def _params(**occlusion) -> Params:
+def _params(workers: int | None = 0, **occlusion) -> Params:
     return repo_params(
         fetch={"source": "embedded"},
         embedded=dict(num_train=12, num_val=2, image_size=64, min_objects=2, max_objects=4, seed=2),
         occlusion=occlusion,
+        synthesize={"workers": workers},
     )
 
 
@@ -99,22 +100,33 @@ def test_unchanged_images_are_hard_links_and_copies_multiply(raw, tmp_path):
     assert (tmp_path / "two/im/train_00000__c1.jpg").is_file()
 
 
-def test_bad_files_are_skipped_and_recorded(tmp_path):
-    """A user folder in the HQSeg layout (GT masks only) with a corrupt image and an empty mask."""
-    folder = tmp_path / "mine"
+def _user_folder(folder: Path, names: list[str], *, empty: int | None = None) -> Path:
+    """A user folder in the HQSeg layout (GT masks only): random images, one rectangle each."""
     rng = np.random.default_rng(0)
     for sub in ("im", "gt"):
         (folder / sub).mkdir(parents=True)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "im" / f"x{i}.jpg")
+    for i, name in enumerate(names):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "im" / f"{name}.jpg")
         mask = np.zeros((40, 48), np.uint8)
-        if i != 3:
+        if i != empty:
             mask[10:30, 8 + i : 30 + i] = 255
-        Image.fromarray(mask).save(folder / "gt" / f"x{i}.png")
+        Image.fromarray(mask).save(folder / "gt" / f"{name}.png")
+    return folder
+
+
+def _user_params(folder: Path, workers: int = 0) -> Params:
+    return repo_params(
+        data={"train": [str(folder)]}, occlusion={"probability": 1.0}, synthesize={"workers": workers}
+    )
+
+
+def test_bad_files_are_skipped_and_recorded(tmp_path):
+    """A user folder in the HQSeg layout (GT masks only) with a corrupt image and an empty mask."""
+    folder = _user_folder(tmp_path / "mine", [f"x{i}" for i in range(5)], empty=3)
     (folder / "im" / "x1.jpg").write_bytes(b"broken")
     raw = tmp_path / "raw"
     write_raw_manifest(raw, {"source": "local", "datasets": {}})
-    params = repo_params(data={"train": [str(folder)]}, occlusion={"probability": 1.0})
+    params = _user_params(folder)
     metrics = run(params, SynthesizePaths(raw, tmp_path / "out"))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
@@ -124,12 +136,54 @@ def test_bad_files_are_skipped_and_recorded(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "im").iterdir()) == ["x0.jpg", "x2.jpg", "x4.jpg"]
 
 
+def test_a_pool_of_workers_writes_the_very_same_folder(raw, tmp_path):
+    """Every file (images, masks, instance maps, manifest, examples figure) byte for byte, also
+    with copies and with unusable files met as sources and as occluders (the skipped list's order)."""
+    run(_params(workers=1, probability=0.7, copies=2), SynthesizePaths(raw, tmp_path / "one"))
+    metrics = run(_params(workers=2, probability=0.7, copies=2), SynthesizePaths(raw, tmp_path / "pool"))
+    assert metrics["workers"] == 2 and metrics["outputs"] == 24
+    one = _files(tmp_path / "one")
+    assert len(one) == 3 * 24 + 2 and _files(tmp_path / "pool") == one
+    assert not list(tmp_path.glob(".pool.tmp-*"))
+
+    folder = _user_folder(tmp_path / "mine", [f"x{i}" for i in range(8)], empty=5)
+    (folder / "im" / "x2.jpg").write_bytes(b"broken")
+    user_raw = tmp_path / "raw"
+    write_raw_manifest(user_raw, {"source": "local", "datasets": {}})
+    run(_user_params(folder, workers=0), SynthesizePaths(user_raw, tmp_path / "user_one"))
+    run(_user_params(folder, workers=2), SynthesizePaths(user_raw, tmp_path / "user_pool"))
+    one = _files(tmp_path / "user_one")
+    assert len(json.loads(one["manifest.json"])["skipped"]) == 2
+    assert _files(tmp_path / "user_pool") == one
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failing_image_is_named_and_nothing_is_left_behind(tmp_path, workers):
+    """A real failure inside a worker: names so long that the occluded output's temporary file
+    name exceeds the file system's limit (255 bytes). The error names the image."""
+    names = [f"{i}{'n' * 240}" for i in range(3)]
+    folder = _user_folder(tmp_path / "long", names)
+    raw = tmp_path / "raw"
+    write_raw_manifest(raw, {"source": "local", "datasets": {}})
+    message = r"occlusion synthesis of .*:[0-2]n{240} \(.*\.jpg\) failed: OSError"
+    with pytest.raises(SynthesisError, match=message):
+        run(_user_params(folder, workers=workers), SynthesizePaths(raw, tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long", "raw"]  # no output, no work folder
+
+
+def test_worker_count():
+    assert worker_count(0) == 0 and worker_count(3) == 3
+    assert worker_count(None) >= 1  # every core this process may use
+
+
 def test_missing_raw_manifest_and_bad_config(tmp_path):
     with pytest.raises(Exception, match="run the fetch stage"):
         run(_params(), SynthesizePaths(tmp_path / "nothing", tmp_path / "out"))
     # Validated once, where params are loaded (stable_sam.config.check_config).
     with pytest.raises(ConfigError, match=r"occlusion\.probability = 1\.5"):
         check_config(_params(probability=1.5))
+    with pytest.raises(ConfigError, match=r"synthesize\.workers = -1: must be null or an integer >= 0"):
+        check_config(_params(workers=-1))
 
 
 def test_main_runs_offline_without_tracking(raw, tmp_path):
