@@ -479,8 +479,9 @@ def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
     files, and the manifest is assembled in image order).
 
     Args:
-      params: the full params (sections ``data`` for the training set names, ``occlusion``, and
-        ``synthesize`` for the number of processes).
+      params: the full params (sections ``data`` for the training set names, ``occlusion``,
+        ``train.use_occlusion`` (false: every image once, unchanged) and ``synthesize`` for the
+        number of processes).
       paths: the raw-data folder (with its manifest) and the output folder.
 
     Returns:
@@ -491,6 +492,11 @@ def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
     """
     start = time.perf_counter()
     cfg = params.occlusion
+    if not params.train.use_occlusion:
+        # The training set without occlusion (the no_occlusion variant): every image once, as it
+        # is. The train stage reads only this folder, so it need not depend on all of data/raw
+        # (adding an evaluation set to the fetch must not retrain).
+        cfg = dataclasses.replace(cfg, probability=0.0, copies=1)
     workers = worker_count(params.synthesize.workers)
     sources, skipped, source_info = _sources(params, paths.raw)
     with_instances = all(s.pair.instances_path is not None for s in sources)

@@ -14,7 +14,7 @@ everything that determines the result, in a persistent storage folder, so a reru
 inputs finds the run's checkpoints. Since all randomness is a function of (seed, step), a resumed
 run reproduces the uninterrupted run's weights exactly (same number of workers).
 
-    python -m pipeline.train --base models/base --raw data/raw --occluded data/occluded \\
+    python -m pipeline.train --base models/base --occluded data/occluded \\
         --out models/stable_sam --metrics metrics/train.json --plot plots/train.csv
 """
 
@@ -49,7 +49,6 @@ from stable_sam.training import (
 
 from .cluster_checks import check_every_node, storage_location
 from .params import Params, load_params
-from .raw_data import read_raw_manifest
 from .ray_runtime import check_resources, init_ray, is_loopback_ray
 from .run_state import (
     TRAINING_CODE,
@@ -79,8 +78,7 @@ TRAIN_STATE_KEYS = ("trainable", "optimizer", "step", "history")
 @dataclass(frozen=True)
 class TrainPaths:
     base: Path  # models/base (sam.json)
-    raw: Path  # data/raw
-    occluded: Path  # data/occluded
+    occluded: Path  # data/occluded: the training set (synthesize stage)
     out: Path  # models/stable_sam
     metrics: Path  # metrics/train.json
     plot: Path  # plots/train.csv
@@ -281,13 +279,10 @@ def set_aside_unusable_ray_run(run_dir: Path) -> Path | None:
     return aside
 
 
-def _training_set(params: Params, paths: TrainPaths) -> tuple[SegmentationFolder, Path]:
-    """The training set (opened once, on the driver: the workers get its pair list) and its folder."""
-    if params.train.use_occlusion:
-        return open_dataset(str(paths.occluded.resolve()), split="train"), paths.occluded
-    raw = read_raw_manifest(paths.raw)
-    name = params.data.train[0]
-    return raw.open_dataset(name, split="train"), raw.dataset_root(name)
+def _training_set(paths: TrainPaths) -> SegmentationFolder:
+    """The training set as the synthesize stage wrote it (occluded or, with train.use_occlusion
+    false, unchanged): opened once, on the driver; the workers get its pair list."""
+    return open_dataset(str(paths.occluded.resolve()), split="train")
 
 
 def _folder_digest(path: Path) -> str:
@@ -307,7 +302,7 @@ def run(
     crash through it; it could as well profile.
     """
     source = read_sam_source(paths.base)
-    training_set, data_dir = _training_set(params, paths)
+    training_set, data_dir = _training_set(paths), paths.occluded
     cfg, scaling = params.train, params.ray
     if cfg.batch_size % scaling.num_workers:
         raise ValueError(
@@ -464,8 +459,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = stage_argument_parser(__doc__.split("\n")[0])
     for name, help_text in [
         ("--base", "base model folder (base stage output)"),
-        ("--raw", "raw data folder (fetch output)"),
-        ("--occluded", "occlusion-synthesised training set (synthesize output)"),
+        (
+            "--occluded",
+            "the training set (synthesize output: occluded, or unchanged with train.use_occlusion=false)",
+        ),
         ("--out", "where plugin.pt goes"),
         ("--metrics", "metrics JSON"),
         ("--plot", "training curve CSV"),
@@ -474,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)
-    paths = TrainPaths(args.base, args.raw, args.occluded, args.out, args.metrics, args.plot)
+    paths = TrainPaths(args.base, args.occluded, args.out, args.metrics, args.plot)
     from .tracking import stage_run
 
     with stage_run("train", params, params_path=Path(args.params)) as tracker:

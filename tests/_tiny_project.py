@@ -93,7 +93,6 @@ def tiny_params(*overrides: str) -> Params:
 def train_paths(root: Path, occluded: Path, base: Path) -> TrainPaths:
     return TrainPaths(
         base=base,
-        raw=root / "raw-unused",  # read only when train.use_occlusion is false
         occluded=occluded,
         out=root / "out",
         metrics=root / "metrics" / "train.json",
@@ -107,7 +106,6 @@ def train_cli_args(paths: TrainPaths, overrides: Sequence[str], params_file: Pat
         args += ["--set", item]
     for flag, value in [
         ("--base", paths.base),
-        ("--raw", paths.raw),
         ("--occluded", paths.occluded),
         ("--out", paths.out),
         ("--metrics", paths.metrics),

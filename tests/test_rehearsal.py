@@ -159,8 +159,8 @@ def test_the_cluster_path_rehearsed_on_cpu(tmp_path):
         # 2. Training as a Ray job; killed after its first checkpoint reached S3, resubmitted.
         train = [
             "python", "-m", "pipeline.train",
-            *("--base", checkout.abs("models/base"), "--raw", checkout.abs("data/raw")),
-            *("--occluded", checkout.abs("data/occluded"), "--out", checkout.abs("models/stable_sam")),
+            *("--base", checkout.abs("models/base"), "--occluded", checkout.abs("data/occluded")),
+            *("--out", checkout.abs("models/stable_sam")),
             *("--metrics", checkout.abs("metrics/train.json"), "--plot", checkout.abs("plots/train.csv")),
         ]  # fmt: skip
         from ray.job_submission import JobStatus, JobSubmissionClient

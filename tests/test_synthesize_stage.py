@@ -19,12 +19,13 @@ from pipeline.synthesize import SynthesisError, SynthesizePaths, main, run, work
 from stable_sam.config import ConfigError, check_config
 
 
-def _params(workers: int | None = 0, **occlusion) -> Params:
+def _params(workers: int | None = 0, train: dict | None = None, **occlusion) -> Params:
     return repo_params(
         fetch={"source": "embedded"},
         embedded=dict(num_train=12, num_val=2, image_size=64, min_objects=2, max_objects=4, seed=2),
         occlusion=occlusion,
         synthesize={"workers": workers},
+        **({"train": train} if train else {}),
     )
 
 
@@ -204,3 +205,16 @@ def test_main_runs_offline_without_tracking(raw, tmp_path):
         ]
     )
     assert json.loads((tmp_path / "occ" / "manifest.json").read_text())["seed"] == 3
+
+
+def test_without_occlusion_the_training_set_is_every_image_once_as_it_is(raw, tmp_path):
+    # train.use_occlusion=false (the no_occlusion variant): the train stage still reads this
+    # folder only, so it depends on data/occluded and not on all of data/raw.
+    params = _params(probability=1.0, copies=3, train={"use_occlusion": False})
+    out = tmp_path / "plain"
+    metrics = run(params, SynthesizePaths(raw, out))
+    assert metrics["outputs"] == 12 and metrics["occluded"] == 0 and metrics["unchanged"] == 12
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["outputs"]:
+        image = out / "im" / f"{entry['name']}.jpg"
+        assert image.read_bytes() == (raw / entry["source_image"]).read_bytes()
