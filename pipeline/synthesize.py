@@ -30,38 +30,40 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.params import Params, load_params
 from pipeline.raw_data import RAW_MANIFEST_NAME, portable_path, read_raw_manifest
 from pipeline.stage_cli import stage_argument_parser
 from stable_sam import data as data_lib
-from stable_sam.atomic_write import write_bytes_atomic
 from stable_sam.config import OcclusionConfig
-from stable_sam.occlusion import OcclusionResult, synthesize_occlusion
 
 __all__ = ["SynthesisError", "SynthesizePaths", "main", "run", "worker_count"]
 
-logger = logging.getLogger(__name__)
+from .occlusion_set import (
+    Merged,
+    Source,
+    Synthesis,
+    SynthesisError,
+    atomic_bytes,
+    examples_figure,
+    outcomes,
+    output_name,
+    worker_count,
+)
 
-JPEG_QUALITY = 95
-_MIN_OCCLUDER_PIXELS = 16  # an occluder object smaller than this is not worth pasting
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,357 +74,12 @@ class SynthesizePaths:
     out: Path
 
 
-@dataclass(frozen=True)
-class _Source:
-    dataset: str
-    pair: data_lib.ImagePair
-    out_name: str
-
-
-def _output_name(dataset: str, pair_name: str, multi: bool) -> str:
-    name = pair_name.replace("/", "__")
-    if multi:
-        name = f"{dataset.strip('/').replace('/', '_')}__{name}"
-    return name
-
-
-def _objects(sample: data_lib.Sample) -> tuple[list[np.ndarray], list[int], int]:
-    """The image's objects, their instance ids (0: the GT itself) and the index of the target."""
-    if sample.instances is None:
-        return [sample.mask], [0], 0
-    ids = [int(k) for k in np.unique(sample.instances) if k > 0]
-    masks = [sample.instances == k for k in ids]
-    if not masks:
-        return [sample.mask], [0], 0
-    # The target is the instance that matches the GT (identical in the embedded data).
-    ious = [(m & sample.mask).sum() / max(1, (m | sample.mask).sum()) for m in masks]
-    best = int(np.argmax(ious))
-    if ious[best] < 0.99:  # the GT is not one of the instances: its own object, on top
-        return [*[m & ~sample.mask for m in masks], sample.mask], [*ids, 0], len(masks)
-    return masks, ids, best
-
-
-def _occluder_object(sample: data_lib.Sample, generator: np.random.Generator) -> tuple[np.ndarray, int]:
-    """One object of the occluder image (random instance, or the GT) and its id (0 for the GT)."""
-    if sample.instances is not None:
-        ids = [int(k) for k in np.unique(sample.instances) if k > 0]
-        ids = [k for k in ids if (sample.instances == k).sum() >= _MIN_OCCLUDER_PIXELS]
-        if ids:
-            k = ids[int(generator.integers(len(ids)))]
-            return sample.instances == k, k
-    return sample.mask, 0
-
-
-def _atomic_bytes(path: Path, payload: bytes) -> None:
-    # No fsync per image: the work folder is renamed into place only when complete.
-    write_bytes_atomic(path, payload, fsync=False)
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _link(src: Path, dst: Path) -> None:
-    """Hard-link (same file system) or copy ``src`` to ``dst``."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def _write_occluded(out: Path, name: str, result: OcclusionResult, with_instances: bool) -> None:
-    buffer = io.BytesIO()
-    Image.fromarray(result.image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    _atomic_bytes(out / "im" / f"{name}.jpg", buffer.getvalue())
-    gt = np.where(result.masks[result.target], 255, 0).astype(np.uint8)
-    _atomic_bytes(out / "gt" / f"{name}.png", _png(gt))
-    if with_instances:
-        ids = np.zeros(gt.shape, np.uint8)
-        for k, m in enumerate(result.masks, start=1):
-            ids[m] = k
-        ids[result.occluder_mask] = len(result.masks) + 1  # the occluder is the topmost object
-        _atomic_bytes(out / "instances" / f"{name}.png", _png(ids))
-
-
-def _examples_figure(path: Path, examples: list[dict[str, Any]]) -> None:
-    """A grid of before / occluder / after panels with the target's outline (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = max(1, len(examples))
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
-    for row, ex in zip(axes, examples):
-        panels = [
-            (ex["before"], ex["before_mask"], f"before: {ex['name']}"),
-            (ex["occluder_image"], ex["occluder_mask"], "occluder source"),
-            (ex["after"], ex["after_mask"], f"after (visible {ex['visible']:.3f})"),
-        ]
-        for ax, (image, mask, title) in zip(row, panels):
-            ax.imshow(image)
-            ax.contour(mask.astype(float), levels=[0.5], colors=["#00ff66"], linewidths=1.0)
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-        row[2].contour(ex["pasted"].astype(float), levels=[0.5], colors=["#ff3366"], linewidths=0.8)
-    for ax in axes.ravel()[3 * len(examples) :]:
-        ax.axis("off")
-    fig.suptitle("Occlusion synthesis: target outline green, pasted occluder red", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-REASON_NOT_DRAWN = "not drawn"
-REASON_OCCLUDER_UNUSABLE = "occluder image unusable"
-REASON_NO_PLACEMENT = "no placement keeps the target visible"
-
-
-class SynthesisError(RuntimeError):
-    """Synthesising the outputs of one training image failed (the message names the image)."""
-
-
-@dataclass
-class _Drawn:
-    """One synthesised occlusion (not yet written) and what the examples figure shows of it."""
-
-    result: OcclusionResult
-    occluder: data_lib.Sample
-    occluder_mask: np.ndarray
-
-
-@dataclass
-class _Outcome:
-    """What one training image gave: its outputs' manifest entries, in copy order.
-
-    ``visible``: per entry, the visible fraction unrounded (None: not occluded); ``unusable``:
-    (source index, reason) of every unusable sample met on the way, in the order met, repeats
-    included (the merge records each once, where a single pass would have met it first).
-    """
-
-    index: int
-    entries: list[dict[str, Any]] = field(default_factory=list)
-    visible: list[float | None] = field(default_factory=list)
-    unusable: list[tuple[int, str]] = field(default_factory=list)
-
-
-class _Synthesis:
-    """Draws and writes the outputs of one training image at a time (in any process: picklable).
-
-    Every output draws from its own generator seeded by ``(seed, image index, copy)`` and writes
-    only its own files, so the images can be synthesised in any order and in several processes;
-    :class:`_Merged` puts the outcomes back in image order.
-    """
-
-    def __init__(
-        self, sources: list[_Source], *, cfg: OcclusionConfig, raw: Path, work: Path, instances: bool
-    ):
-        self.sources, self.cfg, self.raw, self.work, self.instances = sources, cfg, raw, work, instances
-        self._bad: dict[int, str] = {}  # this process's unusable samples (index -> reason)
-
-    def rel(self, path: Path | None) -> str | None:
-        return portable_path(path, self.raw) if path is not None else None
-
-    def name(self, index: int, copy: int) -> str:
-        source = self.sources[index]
-        return source.out_name if self.cfg.copies == 1 else f"{source.out_name}__c{copy}"
-
-    def load(self, index: int, unusable: list[tuple[int, str]]) -> data_lib.Sample | None:
-        """The sample of ``sources[index]``, or None (appended to ``unusable``) when it is unusable."""
-        if index not in self._bad:
-            try:
-                return data_lib.load_sample(self.sources[index].pair)
-            except data_lib.BadSampleError as err:
-                self._bad[index] = str(err)
-        unusable.append((index, self._bad[index]))
-        return None
-
-    def image(self, index: int) -> _Outcome:
-        """Every output of image ``index``, written into the work folder; a failure names the image."""
-        try:
-            return self._image(index)
-        except Exception as err:
-            source = self.sources[index]
-            raise SynthesisError(
-                f"occlusion synthesis of {source.dataset}:{source.pair.name} ({source.pair.image_path}) "
-                f"failed: {type(err).__name__}: {err}"
-            ) from err
-
-    def _image(self, index: int) -> _Outcome:
-        outcome = _Outcome(index)
-        sample = self.load(index, outcome.unusable)
-        if sample is None:
-            return outcome
-        source = self.sources[index]
-        for copy in range(self.cfg.copies):
-            name = self.name(index, copy)
-            entry, drawn = self.draw(index, sample, copy, outcome.unusable)
-            if drawn is not None:
-                _write_occluded(self.work, name, drawn.result, self.instances)
-            else:
-                _link(source.pair.image_path, self.work / "im" / f"{name}.jpg")
-                _link(source.pair.mask_path, self.work / "gt" / f"{name}.png")
-                if self.instances:
-                    _link(source.pair.instances_path, self.work / "instances" / f"{name}.png")
-            outcome.entries.append(entry)
-            outcome.visible.append(None if drawn is None else drawn.result.visible_fraction)
-        return outcome
-
-    def draw(
-        self, index: int, sample: data_lib.Sample, copy: int, unusable: list[tuple[int, str]]
-    ) -> tuple[dict[str, Any], _Drawn | None]:
-        """Output ``copy`` of image ``index``: its manifest entry, and the occlusion (with
-        probability ``cfg.probability``; None: the image stays as it is). Writes nothing."""
-        source, cfg = self.sources[index], self.cfg
-        generator = np.random.default_rng(np.random.SeedSequence([cfg.seed, index, copy]))
-        entry: dict[str, Any] = {
-            "name": self.name(index, copy),
-            "source": f"{source.dataset}:{source.pair.name}",
-            "source_image": self.rel(source.pair.image_path),
-            "occluded": False,
-        }
-        if len(self.sources) < 2 or generator.random() >= cfg.probability:
-            entry["reason"] = REASON_NOT_DRAWN
-            return entry, None
-        other = int(generator.integers(len(self.sources) - 1))
-        other += other >= index  # another image, never the same one
-        occluder = self.load(other, unusable)
-        if occluder is None:
-            entry["reason"] = REASON_OCCLUDER_UNUSABLE
-            return entry, None
-        occ_mask, occ_id = _occluder_object(occluder, generator)
-        masks, object_ids, target = _objects(sample)
-        result = synthesize_occlusion(
-            sample.image, masks, occluder.image, occ_mask, target=target, generator=generator, config=cfg
-        )
-        entry["occluder"] = {
-            "source": f"{self.sources[other].dataset}:{self.sources[other].pair.name}",
-            "image": self.rel(self.sources[other].pair.image_path),
-            "instance": occ_id,
-        }
-        if result is None:
-            entry["reason"] = REASON_NO_PLACEMENT
-            return entry, None
-        entry.update(
-            occluded=True,
-            placement=result.placement.to_dict(),
-            visible_fraction=round(result.visible_fraction, 5),
-            dropped_objects=[object_ids[i] for i in result.dropped],  # ids of the source instance map
-        )
-        return entry, _Drawn(result, occluder, occ_mask)
-
-    def example(self, index: int, copy: int) -> dict[str, Any]:
-        """The before / occluder / after panels of an occluded output, drawn again (same generator)."""
-        sample = self.load(index, [])
-        entry, drawn = self.draw(index, sample, copy, [])
-        result = drawn.result
-        return {
-            "name": entry["name"],
-            "before": sample.image,
-            "before_mask": sample.mask,
-            "occluder_image": drawn.occluder.image,
-            "occluder_mask": drawn.occluder_mask,
-            "after": result.image,
-            "after_mask": result.masks[result.target],
-            "pasted": result.occluder_mask,
-            "visible": result.visible_fraction,
-        }
-
-
-class _Merged:
-    """The outcomes put back in image order: entries, totals, visible fractions, skipped files,
-    and which outputs the examples figure shows: what a single pass in image order records."""
-
-    def __init__(self, job: _Synthesis, skipped: list[dict[str, str]]):
-        self.job = job
-        self.skipped = list(skipped)
-        self.entries: list[dict[str, Any]] = []
-        self.visible: list[float] = []
-        self.totals = dict.fromkeys(
-            ("occluded", "unchanged", "placement_failed", "occluder_unusable", "dropped_objects"), 0
-        )
-        self._recorded: set[int] = set()
-        # (image index, copy) of the occluded outputs the figure shows: clearly visible occlusions
-        # first, in image order (tiny ones as a fallback).
-        self._examples: list[tuple[int, int]] = []
-        self._fallback_examples: list[tuple[int, int]] = []
-
-    def add(self, outcome: _Outcome) -> None:
-        for index, reason in outcome.unusable:
-            if index not in self._recorded:
-                self._recorded.add(index)
-                pair = self.job.sources[index].pair
-                logger.warning("skipping %s: %s", pair.image_path, reason)
-                self.skipped.append(
-                    {
-                        "path": portable_path(pair.image_path, self.job.raw),
-                        "reason": reason,
-                        "dataset": self.job.sources[index].dataset,
-                    }
-                )
-        for copy, (entry, visible) in enumerate(zip(outcome.entries, outcome.visible)):
-            self.entries.append(entry)
-            if visible is None:
-                self.totals["unchanged"] += 1
-                self.totals["placement_failed"] += entry["reason"] == REASON_NO_PLACEMENT
-                self.totals["occluder_unusable"] += entry["reason"] == REASON_OCCLUDER_UNUSABLE
-                continue
-            self.totals["occluded"] += 1
-            self.totals["dropped_objects"] += len(entry["dropped_objects"])
-            self.visible.append(visible)
-            pool = self._examples if visible < 0.95 else self._fallback_examples
-            if len(pool) < self.job.cfg.num_examples:
-                pool.append((outcome.index, copy))
-
-    def examples(self) -> list[dict[str, Any]]:
-        chosen = (self._examples + self._fallback_examples)[: self.job.cfg.num_examples]
-        return [self.job.example(index, copy) for index, copy in chosen]
-
-
-# The pool's workers: the job is sent once to each (initializer), then only image indices.
-_WORKER_JOB: _Synthesis | None = None
-
-
-def _start_worker(job: _Synthesis) -> None:
-    global _WORKER_JOB
-    torch.set_num_threads(1)  # one process per core already
-    _WORKER_JOB = job
-
-
-def _worker_image(index: int) -> _Outcome:
-    return _WORKER_JOB.image(index)
-
-
-def worker_count(workers: int | None) -> int:
-    """``synthesize.workers``: None is every core this process may use; 0 and 1 run in-process."""
-    if workers is None:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return workers
-
-
-def _outcomes(job: _Synthesis, workers: int) -> Iterator[_Outcome]:
-    """Every image's outcome, in image order; with ``workers`` > 1 from a pool of processes."""
-    indices = range(len(job.sources))
-    if workers <= 1 or len(indices) < 2:
-        yield from map(job.image, indices)
-        return
-    # spawn: a forked child would inherit the parent's OpenMP and thread state (torch), which can hang.
-    context = multiprocessing.get_context("spawn")
-    chunksize = max(1, min(32, len(indices) // (4 * workers)))
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job,)) as pool:
-        yield from pool.map(_worker_image, indices, chunksize=chunksize)
-
-
 def _sources(
     params: Params, raw_dir: Path
-) -> tuple[list[_Source], list[dict[str, str]], list[dict[str, Any]]]:
+) -> tuple[list[Source], list[dict[str, str]], list[dict[str, Any]]]:
     """The training images of ``data.train`` (with output names), what was skipped, per-set counts."""
     raw = read_raw_manifest(raw_dir)
-    sources: list[_Source] = []
+    sources: list[Source] = []
     skipped: list[dict[str, str]] = []
     source_info = []
     multi = len(params.data.train) > 1
@@ -433,7 +90,7 @@ def _sources(
             for s in folder.skipped
         )
         source_info.append({"name": name, "split": "train", "pairs": len(folder)})
-        sources.extend(_Source(name, p, _output_name(name, p.name, multi)) for p in folder.pairs)
+        sources.extend(Source(name, p, output_name(name, p.name, multi)) for p in folder.pairs)
     names = [s.out_name for s in sources]
     if len(set(names)) != len(names):
         raise ValueError("training images with the same output name; give the datasets distinct folder names")
@@ -441,9 +98,9 @@ def _sources(
 
 
 def _manifest(
-    params: Params, raw_dir: Path, merged: _Merged, source_info: list[dict[str, Any]]
+    params: Params, cfg: OcclusionConfig, raw_dir: Path, merged: Merged, source_info: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    config = dataclasses.asdict(params.occlusion)
+    config = dataclasses.asdict(cfg)  # as applied (train.use_occlusion=false: probability 0, one copy)
     raw_digest = hashlib.sha256((raw_dir / RAW_MANIFEST_NAME).read_bytes()).hexdigest()
     identity = json.dumps(
         {"config": config, "train": list(params.data.train), "raw": raw_digest, "outputs": merged.entries},
@@ -453,7 +110,7 @@ def _manifest(
         "format": 1,
         # Names this exact dataset: config + sources + every output's provenance.
         "dataset_id": hashlib.sha256(identity.encode()).hexdigest()[:16],
-        "seed": params.occlusion.seed,
+        "seed": cfg.seed,
         "config": config,
         "train": list(params.data.train),
         "sources": source_info,
@@ -509,19 +166,17 @@ def run(params: Params, paths: SynthesizePaths) -> dict[str, float]:
     work.mkdir()  # (not mkdtemp: its 0700 mode would end up on the dataset folder)
     for sub in ("im", "gt", *(("instances",) if with_instances else ())):
         (work / sub).mkdir()
-    job = _Synthesis(sources, cfg=cfg, raw=paths.raw, work=work, instances=with_instances)
-    merged = _Merged(job, skipped)
+    job = Synthesis(sources, cfg=cfg, raw=paths.raw, work=work, instances=with_instances)
+    merged = Merged(job, skipped)
     try:
-        outcomes = _outcomes(job, workers)
-        for outcome in tqdm(outcomes, total=len(sources), desc="occlusion", unit="img", mininterval=10):
+        drawn = outcomes(job, workers)
+        for outcome in tqdm(drawn, total=len(sources), desc="occlusion", unit="img", mininterval=10):
             merged.add(outcome)
         if not merged.entries:
             raise data_lib.DatasetError(f"no usable training image in {params.data.train}")
-        manifest = _manifest(params, paths.raw, merged, source_info)
-        _atomic_bytes(
-            work / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-        )
-        _examples_figure(work / "examples.png", merged.examples())
+        manifest = _manifest(params, cfg, paths.raw, merged, source_info)
+        atomic_bytes(work / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        examples_figure(work / "examples.png", merged.examples())
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)

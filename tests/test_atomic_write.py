@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.occlusion_set import atomic_bytes as synthesize_write
 from pipeline.sam_source import SamSource, write_json_atomic, write_sam_source
 from pipeline.sources.embedded import _atomic_write_bytes as embedded_write
-from pipeline.synthesize import _atomic_bytes as synthesize_write
 from stable_sam.atomic_write import AtomicFileSet, atomic_open, write_bytes_atomic, write_text_atomic
 from stable_sam.checkpoint import atomic_torch_save, save_plugin_checkpoint
 
