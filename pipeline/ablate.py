@@ -91,11 +91,11 @@ def _sweep_records(
                 p.settings.update(extra_settings(p))
     raw = read_raw_manifest(paths.raw)
     cache = ReadOnlyEmbeddingCache(paths.embeddings, max_memory_items=64)
-    resize, size = params.data.eval_resize, passes[0].model.img_size
+    size = passes[0].model.img_size
     cfg, seeds = params.eval, list(params.ablate.seeds)
     records: list[dict[str, Any]] = []
     images: dict[str, int] = {}
-    for name, dataset in hq_sets(params, raw):
+    for name, dataset, resize in hq_sets(params, raw):
         for chunk in hq_chunks(dataset, resize=resize, image_size=size):
             for p in passes:
                 embeddings = embed_pass(p, chunk, cache, batch_size=cfg.embed_batch_size)

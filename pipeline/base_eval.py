@@ -28,6 +28,7 @@ from stable_sam.data import open_dataset
 from stable_sam.evaluation import embed_images, evaluate_prompts, prepare_image, summarize
 from stable_sam.modeling import StableSam
 
+from .eval_inputs import set_resize
 from .params import Params, load_params
 from .sam_source import write_json_atomic
 from .stage_cli import stage_argument_parser
@@ -41,8 +42,9 @@ def evaluate_base(model: StableSam, val: Path, params: Params) -> dict[str, dict
     """{"all" | family: {kind: {"miou", "miou_std", "mbiou", "n", ("st")}}} in percent."""
     cfg = params.eval
     dataset = open_dataset(str(val), split="val")
+    resize = set_resize(params.data.eval_resize, "embedded")  # the embedded generator's own split
     images = [
-        prepare_image(dataset[i], index=i, resize=params.data.eval_resize, image_size=model.img_size)
+        prepare_image(dataset[i], index=i, resize=resize, image_size=model.img_size)
         for i in range(len(dataset))
     ]
     embeddings = embed_images(model, images, progress=False)

@@ -5,7 +5,7 @@
 
 SAM's image encoder is frozen, so its output for an evaluation image never changes: this stage
 runs it once per image of every evaluation set (``data.val``, brought to the model frame with
-``data.eval_resize``; COCO-format sets too) and writes the embeddings in
+the set's resize, see ``data.eval_resize``; COCO-format sets too) and writes the embeddings in
 :class:`stable_sam.embedding_cache.EmbeddingCache`'s disk format, keyed by image content,
 preprocessing, SAM type and SAM checkpoint sha256. The ``evaluate`` stage and every ``ablate``
 sweep point read this folder (read-only) and run the decoder only. Variants whose encoder is
@@ -60,28 +60,30 @@ def run(params: Params, paths: EmbedPaths, *, tracker: Any = None) -> dict[str, 
     source = read_sam_source(paths.base)
     model = sam_model(source, device=params.eval.device)
     raw = read_raw_manifest(paths.raw)
-    resize, size = params.data.eval_resize, model.img_size
+    size = model.img_size
     cache = EmbeddingCache(paths.out, max_memory_items=0)
     datasets: dict[str, dict[str, int]] = {}
+    resize: dict[str, str] = {}  # per set: the key of its entries (and of every later lookup)
 
-    def embed(name: str, kind: str, chunks: Iterator[Sequence[PreparedImage]]) -> None:
+    def embed(name: str, kind: str, mode: str, chunks: Iterator[Sequence[PreparedImage]]) -> None:
         count = 0
         for images in chunks:
             embed_images(model, images, cache=cache, progress=False, batch_size=params.eval.embed_batch_size)
             count += len(images)
         datasets.setdefault(name, {})[kind] = count
-        logger.info("%s (%s): %d images", name, kind, count)
+        resize[name] = mode
+        logger.info("%s (%s, %s): %d images", name, kind, mode, count)
 
     with torch.no_grad():
-        for name, dataset in hq_sets(params, raw):
-            embed(name, "images", hq_chunks(dataset, resize=resize, image_size=size))
+        for name, dataset, mode in hq_sets(params, raw):
+            embed(name, "images", mode, hq_chunks(dataset, resize=mode, image_size=size))
             if tracker is not None:
                 # the split's folder (from its files), not the dataset's root (train and val)
                 files = (f for pair in dataset.pairs for f in (pair.image_path, pair.mask_path))
                 tracker.log_dataset(common_folder(files), context="evaluation")
-        for name, coco in coco_sets(params, raw):
-            chunks = ([c.image for c in chunk] for chunk in coco_chunks(coco, resize=resize, image_size=size))
-            embed(name, "coco_images", chunks)
+        for name, coco, mode in coco_sets(params, raw):
+            chunks = ([c.image for c in chunk] for chunk in coco_chunks(coco, resize=mode, image_size=size))
+            embed(name, "coco_images", mode, chunks)
     # Every lookup first misses, then is stored: misses = encoder passes, hits = images seen twice
     # (the embedded set's COCO view is the same images as its HQ view).
     metrics = {

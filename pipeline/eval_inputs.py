@@ -3,7 +3,9 @@
 ``embed``, ``evaluate`` and ``ablate`` share it, so they always agree on
 
 - the images: every ``data.val`` entry with HQSeg-style GT (:func:`hq_sets`) or COCO instance
-  annotations (:func:`coco_sets`), brought to the model frame ``CHUNK`` images at a time;
+  annotations (:func:`coco_sets`), brought to the model frame ``CHUNK`` images at a time with
+  the set's resize (:func:`set_resize`: the same mode for the embedding cache's key and the
+  decoding, so a set's embeddings are found by every stage);
 - the model of a stage: the frozen SAM the ``base`` stage points at, with or without a plug-in
   checkpoint, on ``eval.device`` (:func:`sam_model`);
 - for evaluate and ablate, how SAM and Stable-SAM come out of one plug-in checkpoint
@@ -14,7 +16,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from stable_sam.evaluation import (
 from stable_sam.modeling import StableSam
 
 from .effect import BASELINE, MODEL
-from .params import EvalConfig, Params
+from .params import EVAL_RESIZE_AUTO, EvalConfig, Params
 from .raw_data import RawManifest
 from .sam_source import SamSource, read_sam_source
 
@@ -57,6 +59,7 @@ __all__ = [
     "model_passes",
     "resolve_device",
     "sam_model",
+    "set_resize",
     "set_threads",
     "spec_of",
 ]
@@ -82,10 +85,25 @@ def spec_of(params: Params, name: str) -> str:
     return next(spec for spec in params.data.val if display_name(spec) == name)
 
 
-def hq_sets(params: Params, raw: RawManifest) -> list[tuple[str, data_lib.SegmentationFolder]]:
-    """(name, dataset) of every ``data.val`` entry with HQSeg-style GT (one target per image)."""
+def set_resize(setting: str | Mapping[str, str], spec: str) -> str:
+    """The resize mode of evaluation set ``spec`` (an entry of ``data.val``, ``interactive.sets``)
+    under ``data.eval_resize`` = ``setting``.
+
+    A mode ("stretch" or "longest_side") is every set's; "auto", and a set that a mapping of set
+    names (as :func:`display_name` shows them) to modes does not name, take the set's protocol
+    (:func:`stable_sam.data.protocol_resize`: stretch like HQ-SAM's evaluation for the HQ sets,
+    the embedded set and folders; longest_side like SAM's and HQ-SAM's COCO protocols for
+    coco_val2017).
+    """
+    if isinstance(setting, Mapping):
+        setting = setting.get(display_name(spec), EVAL_RESIZE_AUTO)
+    return data_lib.protocol_resize(spec) if setting == EVAL_RESIZE_AUTO else setting
+
+
+def hq_sets(params: Params, raw: RawManifest) -> list[tuple[str, data_lib.SegmentationFolder, str]]:
+    """(name, dataset, resize) of every ``data.val`` entry with HQSeg-style GT (one target per image)."""
     return [
-        (display_name(spec), raw.open_dataset(spec, split="val"))
+        (display_name(spec), raw.open_dataset(spec, split="val"), set_resize(params.data.eval_resize, spec))
         for spec in params.data.val
         if spec not in COCO_ONLY
     ]
@@ -112,15 +130,15 @@ def coco_files(raw: RawManifest, spec: str) -> tuple[Path, Path] | None:
     return (images, annotations) if annotations.is_file() and images.is_dir() else None
 
 
-def coco_sets(params: Params, raw: RawManifest) -> list[tuple[str, data_lib.CocoInstances]]:
-    """(name, COCO instances) of every ``data.val`` entry with a COCO annotation file."""
+def coco_sets(params: Params, raw: RawManifest) -> list[tuple[str, data_lib.CocoInstances, str]]:
+    """(name, COCO instances, resize) of every ``data.val`` entry with a COCO annotation file
+    (the resize is the set's, as for its HQ view: :func:`set_resize`)."""
     found = []
     for spec in params.data.val:
         files = coco_files(raw, spec)
         if files is not None:
-            found.append(
-                (display_name(spec), data_lib.CocoInstances(*files, max_images=params.eval.coco_max_images))
-            )
+            coco = data_lib.CocoInstances(*files, max_images=params.eval.coco_max_images)
+            found.append((display_name(spec), coco, set_resize(params.data.eval_resize, spec)))
     return found
 
 

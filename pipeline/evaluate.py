@@ -5,7 +5,9 @@
         --per-image reports/per_image.csv --figures plots/evaluate
 
 Protocol (method spec sections 5-6, HQ-SAM's evaluation): every image of ``data.val`` is brought
-to the model frame with ``data.eval_resize``; each prompt type of ``eval.prompts`` is drawn
+to the model frame with its set's resize (``data.eval_resize``; under "auto" each set's protocol:
+stretch for the HQ sets like HQ-SAM, longest side for COCO val2017 like SAM's and HQ-SAM's COCO
+numbers; recorded per set in ``evaluation.json``); each prompt type of ``eval.prompts`` is drawn
 ``eval.draws`` times from a generator seeded by (``eval.seed``, draw, image, prompt type), so both
 models see the very same prompts; predictions are measured at the original resolution (mIoU,
 mBIoU, ST = mean pairwise IoU over the draws, α1). SAM is the same model with its plug-ins
@@ -213,8 +215,8 @@ class _Evaluation:
     passes: list[ModelPass]
     cache: ReadOnlyEmbeddingCache
     kinds: list[str]
-    resize: str
     records: list[dict[str, Any]] = field(default_factory=list)
+    resize: dict[str, str] = field(default_factory=dict)  # per set, as embed keyed its entries
     figures: dict[Path, bytes] = field(default_factory=dict)  # written with the other outputs
     images: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, dict[str, Any]] = field(default_factory=dict)  # left out, never replaced
@@ -230,13 +232,14 @@ class _Evaluation:
         return embed_pass(p, images, self.cache, batch_size=self.cfg.embed_batch_size)
 
 
-def _evaluate_set(ev: _Evaluation, name: str, dataset: Any, *, figures: Path | None) -> None:
+def _evaluate_set(ev: _Evaluation, name: str, dataset: Any, resize: str, *, figures: Path | None) -> None:
     """Every prompt type on every image of one HQ set; figures of ``eval.num_figures`` images."""
     t0 = time.perf_counter()
+    ev.resize[name] = resize
     # The split's folder (from its files), not the dataset's root (which may hold train and val).
     ev.folders.append(common_folder(f for pair in dataset.pairs for f in (pair.image_path, pair.mask_path)))
     wanted = _figure_indices(len(dataset), ev.cfg.num_figures) if figures is not None else set()
-    for chunk in hq_chunks(dataset, resize=ev.resize, image_size=ev.image_size):
+    for chunk in hq_chunks(dataset, resize=resize, image_size=ev.image_size):
         chunk_embeddings = []
         for p in ev.passes:
             embeddings = ev.embed(p, chunk)
@@ -274,12 +277,13 @@ def _merge_coco(into: dict[str, CocoResult], part: dict[str, CocoResult]) -> Non
         target.escalated += result.escalated
 
 
-def _evaluate_coco(ev: _Evaluation, name: str, coco: Any) -> None:
+def _evaluate_coco(ev: _Evaluation, name: str, coco: Any, resize: str) -> None:
     """Mask mAP / mAP50 of one COCO-format set, every instance prompted by a noisy box."""
     t0 = time.perf_counter()
+    ev.resize[name] = resize
     cfg = ev.cfg
     results: dict[str, CocoResult] = {}
-    for chunk in coco_chunks(coco, resize=ev.resize, image_size=ev.image_size):
+    for chunk in coco_chunks(coco, resize=resize, image_size=ev.image_size):
         for p in ev.passes:
             embeddings = ev.embed(p, [c.image for c in chunk])
             part = coco_noisy_box_detections(
@@ -338,6 +342,7 @@ def _results(ev: _Evaluation, baseline_how: str) -> dict[str, Any]:
         "datasets": datasets,
         "mean": mean,
         "mean_over": list(ev.images),
+        "resize": ev.resize,
         "coco": ev.coco,
         "alpha1": {kind: figures.get("alpha1") for kind, figures in mean.get(MODEL, {}).items()},
         "images": ev.images,
@@ -407,13 +412,12 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
         passes=passes,
         cache=ReadOnlyEmbeddingCache(paths.embeddings, max_memory_items=2 * 32),
         kinds=eval_kinds(cfg.prompts),
-        resize=params.data.eval_resize,
     )
     raw = read_raw_manifest(paths.raw)
-    for d, (name, dataset) in enumerate(hq_sets(params, raw)):
-        _evaluate_set(ev, name, dataset, figures=paths.figures if d == 0 else None)
-    for name, coco in coco_sets(params, raw):
-        _evaluate_coco(ev, name, coco)
+    for d, (name, dataset, resize) in enumerate(hq_sets(params, raw)):
+        _evaluate_set(ev, name, dataset, resize, figures=paths.figures if d == 0 else None)
+    for name, coco, resize in coco_sets(params, raw):
+        _evaluate_coco(ev, name, coco, resize)
     results = _results(ev, baseline_how)
     _write(paths, results, ev)
     sam, stable = results["mean"].get(BASELINE, {}), results["mean"].get(MODEL, {})

@@ -13,7 +13,8 @@ original resolution after every click, NoC@t per threshold of ``interactive.iou_
 (``max_clicks`` when never reached). SAM and Stable-SAM run the very same protocol on each target
 of every set of ``interactive.sets`` (the embedded val split by default, or folders in the HQSeg
 layout: GrabCut, Berkeley, DAVIS, SBD converted to ``im/`` + ``gt/``), brought to the model frame
-with ``data.eval_resize``. Embeddings come from the ``embed`` stage's cache (read-only); images
+with the set's resize (``data.eval_resize``, as the embed stage: ``eval_inputs.set_resize``; recorded
+per set). Embeddings come from the ``embed`` stage's cache (read-only); images
 it does not hold (a set that is not in ``data.val``) are embedded here, once, in memory.
 
 Outputs: ``reports/interactive.json`` (per set: a row per model with NoC, NoF and mIoU@1/5/20,
@@ -41,7 +42,7 @@ from stable_sam.evaluation import ClickTrace, click_trace, model_decoder, summar
 
 # H2 moves these shared helpers to pipeline/eval_inputs.py (same names): import them from there then.
 from .effect import BASELINE, MODEL
-from .eval_inputs import display_name, embed_pass, hq_chunks, model_passes, set_threads
+from .eval_inputs import display_name, embed_pass, hq_chunks, model_passes, set_resize, set_threads
 from .outputs import without_seconds
 from .params import Params, load_params
 from .raw_data import read_raw_manifest
@@ -100,13 +101,15 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def _set_traces(params: Params, passes: list, dataset: Any, cache: ReadOnlyEmbeddingCache) -> dict:
+def _set_traces(
+    params: Params, passes: list, dataset: Any, resize: str, cache: ReadOnlyEmbeddingCache
+) -> dict:
     """{setting: [ClickTrace per target]} for one set, every setting on the same targets."""
     cfg = params.interactive
     count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     traces: dict[str, list[ClickTrace]] = {s: [] for p in passes for s in p.settings}
     size = passes[0].model.img_size
-    for chunk in hq_chunks(dataset, resize=params.data.eval_resize, image_size=size):
+    for chunk in hq_chunks(dataset, resize=resize, image_size=size):
         chunk = [image for image in chunk if image.index < count]
         if not chunk:
             break
@@ -162,13 +165,15 @@ def run(params: Params, paths: InteractivePaths, *, tracker: Any = None) -> dict
     tags = _threshold_tags(cfg.iou_thresholds)
     sets: dict[str, Any] = {}
     folders: list[Path] = []  # MLflow inputs: each set's split folder (from its files)
+    resize: dict[str, str] = {}
     for spec in cfg.sets:
         name = display_name(spec)
+        resize[name] = set_resize(params.data.eval_resize, spec)
         t0 = time.perf_counter()
         dataset = raw.open_dataset(spec, split="val")
         folders.append(common_folder(f for pair in dataset.pairs for f in (pair.image_path, pair.mask_path)))
         with torch.no_grad():
-            traces = _set_traces(params, passes, dataset, cache)
+            traces = _set_traces(params, passes, dataset, resize[name], cache)
         summary = {
             s: summarize_traces(t, thresholds=cfg.iou_thresholds, max_clicks=cfg.max_clicks)
             for s, t in traces.items()
@@ -197,7 +202,7 @@ def run(params: Params, paths: InteractivePaths, *, tracker: Any = None) -> dict
         "max_clicks": cfg.max_clicks,
         "iou_thresholds": list(cfg.iou_thresholds),
         "multimask_output": cfg.multimask_output,
-        "resize": params.data.eval_resize,
+        "resize": resize,
         "sam_type": passes[-1].model.sam_type,
         "baseline": baseline_how,
         "columns": list(next(iter(sets.values()))["models"][MODEL]),

@@ -54,11 +54,13 @@ from stable_sam.config import (
     option,
     ordered,
 )
+from stable_sam.data import DATASETS
 
 from .params_annotator import AutomaticConfig, InteractiveConfig
 
 __all__ = [
     "EVAL_DEVICES",
+    "EVAL_RESIZE_AUTO",
     "FETCH_SOURCES",
     "FETCH_VALIDATIONS",
     "VARIANT_NAME",
@@ -87,6 +89,8 @@ __all__ = [
 FETCH_SOURCES = ("embedded", "remote", "local")
 FETCH_VALIDATIONS = ("full", "header")
 EVAL_DEVICES = ("auto", "cuda", "cpu")
+# data.eval_resize: each evaluation set's protocol resize (stable_sam.data.protocol_resize).
+EVAL_RESIZE_AUTO = "auto"
 # Names of trained variants (ablate.variants): DVC pastes them into commands and paths.
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
@@ -94,6 +98,20 @@ _NAMES = list_of(NAME, non_empty=True)
 _SHA256 = Allowed(
     lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None),
     "null or 64 lowercase hex digits (a sha256)",
+)
+_EVAL_RESIZE = Allowed(
+    lambda v: (
+        v == EVAL_RESIZE_AUTO
+        or v in EVAL_RESIZE_MODES
+        or (
+            isinstance(v, Mapping)
+            and bool(v)
+            and all(isinstance(k, str) and k and m in EVAL_RESIZE_MODES for k, m in v.items())
+        )
+    ),
+    f"{EVAL_RESIZE_AUTO!r} (each set's protocol), "
+    + " or ".join(repr(m) for m in EVAL_RESIZE_MODES)
+    + " (every set), or a non-empty mapping of set names to one of them (the others: auto)",
 )
 _VARIANT_MAP = Allowed(
     lambda v: (
@@ -153,7 +171,8 @@ class DataConfig:
 
     train: list[str] = field(metadata=allows(_NAMES))  # registered dataset names or HQSeg-layout folders
     val: list[str] = field(metadata=allows(_NAMES))
-    eval_resize: str = option(one_of(EVAL_RESIZE_MODES))  # [21]
+    # [21] "auto" | a mode for every set | {set name: mode}: see pipeline.eval_inputs.set_resize
+    eval_resize: Any = field(metadata=allows(_EVAL_RESIZE))
     lsj_min_scale: float = option(POSITIVE)  # large-scale jitter of the training images
     lsj_max_scale: float = option(POSITIVE)
     hflip_probability: float = option(PROBABILITY)
@@ -300,6 +319,15 @@ class Params:
             ("train.batch_size", "ray.num_workers"),
             lambda batch, workers: batch % workers == 0,
             "train.batch_size divisible by ray.num_workers (the global batch is split over the workers)",
+        ),
+        Rule(
+            ("data.eval_resize", "data.val", "interactive.sets"),
+            lambda resize, val, interactive: (
+                not isinstance(resize, Mapping)
+                or set(resize) <= set(DATASETS) | {Path(spec).name for spec in [*val, *interactive]}
+            ),
+            "data.eval_resize's set names among the registered datasets and the folder names of "
+            "data.val and interactive.sets",
         ),
     )
 

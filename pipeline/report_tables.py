@@ -238,6 +238,7 @@ def evaluation_markdown(metrics: Mapping[str, Any]) -> str:
             ),
             "",
         ]
+    resize = metrics.get("resize", {})
     if coco:
         rows = [
             [
@@ -246,6 +247,7 @@ def evaluation_markdown(metrics: Mapping[str, Any]) -> str:
                 e.get("images", "–"),
                 e.get("instances", "–"),
                 e.get("escalated", "–"),
+                resize.get(name, "–"),
             ]
             for name, e in coco.items()
         ]
@@ -264,12 +266,15 @@ def evaluation_markdown(metrics: Mapping[str, Any]) -> str:
                     "Images",
                     "Instances",
                     "Escalated noise",
+                    "Resize",
                 ],
                 rows,
             ),
             "",
             "Score = SAM's predicted IoU, single-mask output, category = the GT one; "
-            "'Escalated noise': boxes that needed a noise scale above 0.4 to land in the IoU window.",
+            "'Escalated noise': boxes that needed a noise scale above 0.4 to land in the IoU window; "
+            "'Resize': how the images reached the model (data.eval_resize; SAM's and HQ-SAM's COCO numbers "
+            "are longest_side).",
             "",
         ]
     alpha1 = metrics.get("alpha1", {})

@@ -79,13 +79,26 @@ BAD_OVERRIDES = {
     "fetch.retries=-1": "fetch.retries = -1: must be an integer >= 0",
     "embedded.num_train=0": "embedded.num_train = 0: must be an integer >= 1",
     "embedded.min_objects=6": "embedded.min_objects = 6, embedded.max_objects = 5: need min_objects <= max_objects",
-    "data.eval_resize=strech": "data.eval_resize = 'strech': must be one of 'stretch', 'longest_side'",
+    "data.eval_resize=strech": (
+        "data.eval_resize = 'strech': must be 'auto' (each set's protocol), 'stretch' or 'longest_side' "
+        "(every set), or a non-empty mapping of set names to one of them (the others: auto)"
+    ),
+    "data.eval_resize.coco_val2017=squash": (
+        "data.eval_resize = {coco_val2017: 'squash'}: must be 'auto' (each set's protocol), 'stretch' or "
+        "'longest_side' (every set), or a non-empty mapping of set names to one of them (the others: auto)"
+    ),
+    "data.eval_resize.DIS_VD=stretch": (
+        "data.eval_resize = {DIS_VD: 'stretch'}, data.val = ['embedded'], interactive.sets = ['embedded']: "
+        "need data.eval_resize's set names among the registered datasets and the folder names of data.val "
+        "and interactive.sets"
+    ),
     "data.val=[]": "data.val = []: must be a non-empty list, each a non-empty string",
     "data.lsj_min_scale=2.0": "data.lsj_min_scale = 2.0, data.lsj_max_scale = 1.5: need lsj_min_scale <= lsj_max_scale",
     "data.hflip_probability=-0.1": "data.hflip_probability = -0.1: must be a number in [0, 1]",
     "occlusion.probability=1.5": "occlusion.probability = 1.5: must be a number in [0, 1]",
     "occlusion.copies=0": "occlusion.copies = 0: must be an integer >= 1",
     "occlusion.seed=-1": "occlusion.seed = -1: must be an integer >= 0",
+    "synthesize.workers=-2": "synthesize.workers = -2: must be null or an integer >= 0",
     "base.steps=-5": "base.steps = -5: must be an integer >= 1",
     "base.steps=0": "base.steps = 0: must be an integer >= 1",
     "base.batch_size=0": "base.batch_size = 0: must be an integer >= 1",

@@ -5,7 +5,8 @@
   decompression-bomb limit, mismatched, empty) skipped and recorded in ``skipped`` rather than
   crashing a long run or being replaced by another sample.
 - A registry of the named datasets: the HQSeg-44K train mix (7 folders), the four HQ evaluation
-  sets, the embedded dataset's splits, and any user folder in the same layout.
+  sets, the embedded dataset's splits, and any user folder in the same layout; with the resize
+  of each set's evaluation protocol.
 - COCO instances through pycocotools (polygons and RLE decoded by ``annToMask``).
 - Both resize conventions whose choice moves published numbers: SAM's longest side (+ pad,
   done by the model) and HQ-SAM's evaluation stretch to a square.
@@ -50,6 +51,7 @@ from .registry import (
     dataset_family,
     folder_specs,
     open_dataset,
+    protocol_resize,
 )
 from .transforms import (
     large_scale_jitter,
@@ -89,6 +91,7 @@ __all__ = [
     "load_sample",
     "open_dataset",
     "prepare_eval_image",
+    "protocol_resize",
     "random_hflip",
     "resize_longest_side",
     "resize_mask_longest_side",

@@ -1,5 +1,10 @@
 """The one registry of named datasets: the HQSeg-44K train mix, the four HQ evaluation sets,
 the embedded dataset's splits, COCO, and any user folder in the same layout.
+
+Each named set also carries the resize of its published evaluation protocol
+(:func:`protocol_resize`): HQ-SAM evaluates the HQ sets squashed to a square ("stretch"), while
+SAM's and HQ-SAM's COCO numbers come from ``SamPredictor`` ("longest_side"), so a COCO mask AP
+is comparable with theirs only under that resize.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ __all__ = [
     "dataset_family",
     "folder_specs",
     "open_dataset",
+    "protocol_resize",
 ]
 
 
@@ -41,11 +47,13 @@ class FolderSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A named dataset: the family whose root holds it, and its folders per split."""
+    """A named dataset: the family whose root holds it, its folders per split, and the resize of
+    its evaluation protocol (a mode of ``stable_sam.data.prepare_eval_image``)."""
 
     name: str
     family: str
     splits: dict[str, tuple[FolderSpec, ...]] = field(default_factory=dict)
+    eval_resize: str = "stretch"
 
 
 _TOT = "thin_object_detection"
@@ -87,7 +95,8 @@ def _build_registry() -> dict[str, DatasetSpec]:
                 for split in ("train", "val")
             },
         ),
-        "coco_val2017": DatasetSpec("coco_val2017", "coco_val2017", {}),
+        # SAM's and HQ-SAM's COCO protocols: SamPredictor's longest side (hqsam_pipeline.md 8)
+        "coco_val2017": DatasetSpec("coco_val2017", "coco_val2017", {}, eval_resize="longest_side"),
     }
     for spec in HQSEG44K_TRAIN:
         registry[spec.name] = DatasetSpec(spec.name, "hqseg44k", {"train": (spec,)})
@@ -106,6 +115,14 @@ def dataset_family(name: str) -> str | None:
     """The family (root folder key) of a registered dataset name; None for a path."""
     spec = DATASETS.get(name)
     return spec.family if spec is not None else None
+
+
+def protocol_resize(name_or_path: str) -> str:
+    """The resize of a set's evaluation protocol: its registry entry's (the HQ sets and the
+    embedded set: "stretch", HQ-SAM's evaluation; coco_val2017: "longest_side", SAM's and
+    HQ-SAM's COCO protocols); a folder in the HQSeg layout: "stretch", like the HQ sets."""
+    spec = DATASETS.get(name_or_path)
+    return spec.eval_resize if spec is not None else "stretch"
 
 
 def folder_specs(name: str, split: str) -> tuple[FolderSpec, ...]:
