@@ -14,7 +14,10 @@ mBIoU, ST = mean pairwise IoU over the draws, α1). SAM is the same model with i
 switched off (same process, same weights), unless the checkpoint also changed SAM's own weights
 (decoder fine-tuning, LoRA, adapters: then a separate plain SAM is the baseline). Sets with COCO
 annotations (the embedded set's ``instances.json``, COCO val2017) are also scored by mask mAP /
-mAP50 with every instance prompted by a noisy box of IoU 0.5-0.6 with its GT box.
+mAP50 with every instance prompted by a noisy box of IoU 0.5-0.6 with its GT box; a set named in
+``eval.coco_detections`` also with a detector's boxes (a COCO results file: every detection scored
+at least ``eval.coco_detection_min_score`` prompts the models, its mask is scored by
+``eval.coco_detection_score`` under the detection's category: HQ-SAM's COCO protocol).
 
 The encoder does not run here: embeddings come from the ``embed`` stage's cache (read-only; a
 miss is computed in memory and reported). Encoder-tuned variants bypass the cache and say so.
@@ -47,15 +50,19 @@ import numpy as np
 import torch
 
 from stable_sam.atomic_write import AtomicFileSet
+from stable_sam.checkpoint import file_sha256
 from stable_sam.embedding_cache import ReadOnlyEmbeddingCache
 from stable_sam.evaluation import (
+    CocoDetections,
     CocoResult,
     PreparedImage,
+    coco_box_detections,
     coco_gt_subset,
     coco_noisy_box_detections,
     decode_prompts,
     eval_prompts,
     per_image_rows,
+    read_coco_detections,
     summarize,
 )
 from stable_sam.metrics import coco_mask_ap, mask_iou
@@ -277,12 +284,46 @@ def _merge_coco(into: dict[str, CocoResult], part: dict[str, CocoResult]) -> Non
         target.escalated += result.escalated
 
 
-def _evaluate_coco(ev: _Evaluation, name: str, coco: Any, resize: str) -> None:
-    """Mask mAP / mAP50 of one COCO-format set, every instance prompted by a noisy box."""
+def _read_detections(cfg: EvalConfig, cocos: Sequence[tuple[str, Any, str]]) -> dict[str, CocoDetections]:
+    """The detections file of each COCO set named in ``eval.coco_detections``, checked before any work."""
+    names = {name for name, _, _ in cocos}
+    unknown = sorted(set(cfg.coco_detections) - names)
+    if unknown:
+        raise ValueError(
+            f"eval.coco_detections names {unknown}: not a COCO-format set of data.val (COCO sets: "
+            f"{sorted(names) or 'none'})"
+        )
+    return {
+        name: read_coco_detections(
+            cfg.coco_detections[name],
+            image_ids=coco.coco.getImgIds(),
+            category_ids=coco.coco.getCatIds(),
+            evaluated=coco.image_ids,
+            min_score=cfg.coco_detection_min_score,
+        )
+        for name, coco, _ in cocos
+        if name in cfg.coco_detections
+    }
+
+
+def _ap_entry(gt: dict[str, Any], results: dict[str, CocoResult]) -> dict[str, Any]:
+    entry = {}
+    for setting, result in results.items():
+        ap = coco_mask_ap(gt, result.detections)
+        entry[setting] = {"map": 100 * ap["map"], "map50": 100 * ap["map50"]}
+    return entry
+
+
+def _evaluate_coco(
+    ev: _Evaluation, name: str, coco: Any, resize: str, detections: CocoDetections | None
+) -> None:
+    """Mask mAP / mAP50 of one COCO-format set, every instance prompted by a noisy box; with
+    ``detections``, also every detection prompting by its box."""
     t0 = time.perf_counter()
     ev.resize[name] = resize
     cfg = ev.cfg
     results: dict[str, CocoResult] = {}
+    boxed: dict[str, CocoResult] = {}
     for chunk in coco_chunks(coco, resize=resize, image_size=ev.image_size):
         for p in ev.passes:
             embeddings = ev.embed(p, [c.image for c in chunk])
@@ -297,11 +338,14 @@ def _evaluate_coco(ev: _Evaluation, name: str, coco: Any, resize: str) -> None:
                 progress=False,
             )
             _merge_coco(results, part)
+            if detections is not None:
+                part = coco_box_detections(
+                    p.model, chunk, embeddings, detections, settings=p.settings,
+                    score=cfg.coco_detection_score, progress=False,
+                )  # fmt: skip
+                _merge_coco(boxed, part)
     gt = coco_gt_subset(coco.coco.dataset, coco.image_ids)
-    entry: dict[str, Any] = {}
-    for setting, result in results.items():
-        ap = coco_mask_ap(gt, result.detections)
-        entry[setting] = {"map": 100 * ap["map"], "map50": 100 * ap["map50"]}
+    entry = _ap_entry(gt, results)
     any_result = next(iter(results.values()))
     entry.update(
         images=len(coco),
@@ -309,6 +353,23 @@ def _evaluate_coco(ev: _Evaluation, name: str, coco: Any, resize: str) -> None:
         prompted=any_result.prompted,
         escalated=any_result.escalated,
     )
+    if detections is not None:
+        entry["detections"] = {
+            **_ap_entry(gt, boxed),
+            "file": str(detections.path),
+            "sha256": file_sha256(detections.path),
+            "score": cfg.coco_detection_score,
+            "min_score": cfg.coco_detection_min_score,
+            "in_file": detections.total,
+            "below_min_score": detections.below_min_score,
+            "outside": detections.outside,  # on images not evaluated (no instance, coco_max_images)
+            "prompted": detections.kept,
+        }
+        logger.info(
+            "%s COCO detector boxes (%s): mAP SAM %.1f, Stable-SAM %.1f (%d boxes)",
+            name, detections.path, entry["detections"][BASELINE]["map"], entry["detections"][MODEL]["map"],
+            detections.kept,
+        )  # fmt: skip
     ev.coco[name] = entry
     ev.seconds[f"coco:{name}"] = round(time.perf_counter() - t0, 2)
     logger.info(
@@ -369,11 +430,19 @@ def compact_metrics(results: dict[str, Any]) -> dict[str, Any]:
             setting: {kind: {k: rounded(f[k]) for k in keys if k in f} for kind, f in kinds.items()}
             for setting, kinds in results["mean"].items()
         },
-        "coco": {
-            name: {f"{s}_{k}": rounded(entry[s][k]) for s in (BASELINE, MODEL) for k in ("map", "map50")}
-            for name, entry in results["coco"].items()
-        },
+        "coco": {name: _ap_metrics(entry) for name, entry in results["coco"].items()},
+        # only with eval.coco_detections (the default's metrics stay as they were)
+        **_detection_metrics(results["coco"]),
     }
+
+
+def _ap_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    return {f"{s}_{k}": rounded(entry[s][k]) for s in (BASELINE, MODEL) for k in ("map", "map50")}
+
+
+def _detection_metrics(coco: dict[str, Any]) -> dict[str, Any]:
+    boxed = {name: _ap_metrics(entry["detections"]) for name, entry in coco.items() if "detections" in entry}
+    return {"coco_detections": boxed} if boxed else {}
 
 
 def _write_csv(outputs: AtomicFileSet, path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -414,10 +483,12 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
         kinds=eval_kinds(cfg.prompts),
     )
     raw = read_raw_manifest(paths.raw)
+    cocos = coco_sets(params, raw)
+    detections = _read_detections(cfg, cocos)
     for d, (name, dataset, resize) in enumerate(hq_sets(params, raw)):
         _evaluate_set(ev, name, dataset, resize, figures=paths.figures if d == 0 else None)
-    for name, coco, resize in coco_sets(params, raw):
-        _evaluate_coco(ev, name, coco, resize)
+    for name, coco, resize in cocos:
+        _evaluate_coco(ev, name, coco, resize, detections.get(name))
     results = _results(ev, baseline_how)
     _write(paths, results, ev)
     sam, stable = results["mean"].get(BASELINE, {}), results["mean"].get(MODEL, {})

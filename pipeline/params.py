@@ -55,6 +55,7 @@ from stable_sam.config import (
     ordered,
 )
 from stable_sam.data import DATASETS
+from stable_sam.evaluation import DETECTION_SCORES
 
 from .params_annotator import AutomaticConfig, InteractiveConfig
 
@@ -112,6 +113,10 @@ _EVAL_RESIZE = Allowed(
     f"{EVAL_RESIZE_AUTO!r} (each set's protocol), "
     + " or ".join(repr(m) for m in EVAL_RESIZE_MODES)
     + " (every set), or a non-empty mapping of set names to one of them (the others: auto)",
+)
+_DETECTIONS = Allowed(
+    lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and NAME.accepts(f) for k, f in v.items()),
+    "a mapping of set names to detection files ({} for none)",
 )
 _VARIANT_MAP = Allowed(
     lambda v: (
@@ -261,6 +266,10 @@ class EvalConfig:
     coco_max_images: int | None = option(nullable(COUNT))
     coco_min_box_iou: float = option(PROBABILITY)  # COCO "N-Box (0.5-0.6)"
     coco_max_box_iou: float = option(PROBABILITY)
+    # {COCO-format set of data.val: a detector's COCO results file}: its boxes prompt the models too
+    coco_detections: dict[str, str] = field(metadata=allows(_DETECTIONS))
+    coco_detection_min_score: float = option(NON_NEGATIVE)  # 0: every detection (HQ-SAM)
+    coco_detection_score: str = option(one_of(DETECTION_SCORES))
     num_figures: int = option(integer(0))
     threads: int | None = option(nullable(COUNT))  # None: torch's default (all cores)
     device: str = option(one_of(EVAL_DEVICES))
@@ -319,6 +328,11 @@ class Params:
             ("train.batch_size", "ray.num_workers"),
             lambda batch, workers: batch % workers == 0,
             "train.batch_size divisible by ray.num_workers (the global batch is split over the workers)",
+        ),
+        Rule(
+            ("eval.coco_detections", "data.val"),
+            lambda detections, val: set(detections) <= {Path(spec).name for spec in val},
+            "eval.coco_detections's set names among data.val's (registered names, folder names)",
         ),
         Rule(
             ("data.eval_resize", "data.val", "interactive.sets"),

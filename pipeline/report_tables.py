@@ -104,6 +104,35 @@ def _coco_mean(coco: Mapping[str, Any], setting: str, key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _coco_detection_lines(coco: Mapping[str, Any], resize: Mapping[str, str]) -> list[str]:
+    """The table of the COCO sets evaluated with a detector's boxes (eval.coco_detections), if any."""
+    rows = [
+        [
+            name,
+            *compared_cells(d[BASELINE], d[MODEL], ("map", "map50")),
+            d.get("prompted", "–"),
+            f"`{Path(d['file']).name}`",
+            d.get("score", "–"),
+            resize.get(name, "–"),
+        ]
+        for name, e in coco.items()
+        if (d := e.get("detections"))
+    ]
+    if not rows:
+        return []
+    headers = ["Set", "SAM mAP", "Stable-SAM mAP", "Δ", "SAM mAP50", "Stable-SAM mAP50", "Δ"]
+    return [
+        "### COCO mask AP, detector boxes (HQ-SAM's COCO protocol)",
+        "",
+        markdown_table([*headers, "Boxes", "Detections file", "Score", "Resize"], rows),
+        "",
+        "Every detection of the file (scored at least eval.coco_detection_min_score) prompts the models "
+        "with its box, single-mask output, category = the detection's; score detection_x_iou = the "
+        "detection's score x SAM's predicted IoU (HQ-SAM's harness), detection = the detection's.",
+        "",
+    ]
+
+
 def evaluation_markdown(metrics: Mapping[str, Any]) -> str:
     """The tables of ``reports/evaluation.json``: the paper's headline layout, every prompt type,
     per set, COCO, α1 per prompt type, and the embedding cache's use."""
@@ -277,6 +306,7 @@ def evaluation_markdown(metrics: Mapping[str, Any]) -> str:
             "are longest_side).",
             "",
         ]
+        lines += _coco_detection_lines(coco, resize)
     alpha1 = metrics.get("alpha1", {})
     order = [k for k in metrics.get("prompts", []) if k in alpha1] + [
         k for k in alpha1 if k not in metrics.get("prompts", [])

@@ -1,17 +1,21 @@
 """The evaluation protocols a set brings with it, through the embed and evaluate stages:
-the resize of each set (``data.eval_resize``: "auto" = each set's protocol, stretch for the HQ
+
+- the resize of each set (``data.eval_resize``: "auto" = each set's protocol, stretch for the HQ
   sets like HQ-SAM, longest side for COCO val2017 like SAM's and HQ-SAM's COCO numbers; a mode or a
-  mapping overrides it), the same for the embedding cache's keys and the decoding.
+  mapping overrides it), the same for the embedding cache's keys and the decoding;
+- COCO with a detector's boxes (``eval.coco_detections``, HQ-SAM's COCO protocol).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import PARAMS_FILE
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -23,6 +27,11 @@ from pipeline.eval_inputs import set_resize
 from pipeline.evaluate import run as evaluate
 from pipeline.params import Overlay, Params, load_params
 from pipeline.raw_data import write_raw_manifest
+from pipeline.sam_source import SamSource, write_sam_source
+from pipeline.sources import generate_split
+from stable_sam.build import build_stable_sam
+from stable_sam.checkpoint import file_sha256, save_plugin_checkpoint
+from stable_sam.evaluation import DetectionsError
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [
@@ -156,3 +165,90 @@ def test_the_setting_overrides_the_protocol_and_the_cache_tells_the_modes_apart(
     params = _with(_coco_params(prompts=["gt_box"], num_figures=0), eval_resize={"embedded": "longest_side"})
     metrics = evaluate(params, eval_paths(project, tmp_path / "mapping"))
     assert metrics["resize"] == {"embedded": "longest_side", "coco_val2017": "longest_side"}
+
+
+# ------------------------------------------------------------------------------------------------
+# COCO with a detector's boxes
+
+
+def _detections(annotations: Path, path: Path, **changes) -> Path:
+    """Every GT box of a COCO annotation file as a detection (score 1, the GT category)."""
+    gt = json.loads(annotations.read_text())
+    entries = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 1.0,
+            **changes,
+        }
+        for a in gt["annotations"]
+    ]
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_a_bad_detections_file_or_set_stops_evaluate_before_any_work(project, tmp_path, monkeypatch):
+    annotations = project["raw"] / "coco" / "annotations" / "instances_val2017.json"
+    bad = _detections(annotations, tmp_path / "dets.json", image_id=5)
+    params = _coco_params(coco_detections={"coco_val2017": str(bad)})
+    monkeypatch.setattr("pipeline.evaluate._evaluate_set", lambda *a, **k: pytest.fail("evaluated"))
+    with pytest.raises(
+        DetectionsError, match=rf"^{bad}: detection 0 image_id 5 is not an image of the annotations"
+    ):
+        evaluate(params, eval_paths(project, tmp_path / "out"))
+    params = tiny_params(coco_detections={"DIS-VD": str(bad)})
+    with pytest.raises(ValueError, match=r"eval.coco_detections names \['DIS-VD'\]: not a COCO-format set"):
+        evaluate(params, eval_paths(project, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def small_project(tmp_path_factory) -> dict[str, Path]:
+    """The released small base SAM (it segments what a box points at) with an identity plug-in
+    (Stable-SAM = SAM at step 0), on a folder of the embedded generator's 128 px scenes."""
+    root = tmp_path_factory.mktemp("small")
+    folder = root / "scenes"
+    generate_split(folder, num_images=8, image_size=128, generator_seed=11, split="val")
+    raw = root / "raw"
+    write_raw_manifest(raw, {"source": "local", "datasets": {}})
+    base = root / "base"
+    checkpoint = REPO / "base" / "release" / "sam_small.pth"
+    write_sam_source(base, SamSource("small", str(checkpoint), file_sha256(checkpoint), "released"))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_stable_sam(sam_type="small", sam_checkpoint=checkpoint)
+    save_plugin_checkpoint(model, root / "plugin" / "plugin.pt")
+    return {"root": root, "raw": raw, "base": base, "plugin": root / "plugin", "folder": folder}
+
+
+def test_detector_boxes_that_are_the_gt_boxes_beat_the_noisy_boxes(small_project, tmp_path):
+    folder = small_project["folder"]
+    dets = _detections(folder / "instances.json", tmp_path / "gt_boxes.json")
+    shutil.copy(dets, tmp_path / "copy.json")
+    params = _with(
+        tiny_params(prompts=["gt_box"], draws=1, num_figures=0, coco_detections={"scenes": str(dets)}),
+        val=[str(folder)],
+    )
+    metrics = evaluate(params, eval_paths(small_project, tmp_path / "out"))
+    entry = metrics["coco"]["scenes"]
+    boxed = entry["detections"]
+    assert boxed["prompted"] == boxed["in_file"] == entry["instances"]
+    assert (boxed["below_min_score"], boxed["outside"], boxed["score"]) == (0, 0, "detection_x_iou")
+    assert boxed["sha256"] == file_sha256(tmp_path / "copy.json") and boxed["file"] == str(dets)
+    for setting in ("sam", "stable_sam"):
+        # the GT boxes (mAP 19 on these scenes) vs boxes of IoU 0.5-0.6 with them (mAP 8)
+        assert boxed[setting]["map"] > entry[setting]["map"] + 5, (boxed, entry)
+        assert boxed[setting]["map50"] > entry[setting]["map50"], (boxed, entry)
+    compact = json.loads((tmp_path / "out" / "metrics" / "evaluate.json").read_text())
+    assert set(compact["coco_detections"]["scenes"]) == {
+        "sam_map",
+        "sam_map50",
+        "stable_sam_map",
+        "stable_sam_map50",
+    }
+    assert compact["coco_detections"]["scenes"]["sam_map"] == pytest.approx(boxed["sam"]["map"], abs=1e-3)
+    # A score floor above every detection leaves none: AP 0, and the file's count says why.
+    params.eval = dataclasses.replace(params.eval, coco_detection_min_score=1.5)
+    boxed = evaluate(params, eval_paths(small_project, tmp_path / "none"))["coco"]["scenes"]["detections"]
+    assert (boxed["prompted"], boxed["below_min_score"], boxed["sam"]["map"]) == (0, entry["instances"], 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,8 @@ from stable_sam.boxes import box_from_mask, box_iou
 from stable_sam.data import CocoSample, Sample
 from stable_sam.embedding_cache import EmbeddingCache, ReadOnlyEmbeddingCache
 from stable_sam.evaluation import (
+    DetectionsError,
+    coco_box_detections,
     coco_gt_subset,
     coco_noisy_box_detections,
     coco_noisy_boxes,
@@ -24,8 +27,10 @@ from stable_sam.evaluation import (
     per_image_rows,
     prepare_coco_image,
     prepare_image,
+    read_coco_detections,
     summarize,
 )
+from stable_sam.evaluation.coco_detections import _frame_boxes
 from stable_sam.metrics import coco_mask_ap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -259,6 +264,118 @@ def _rle(mask: np.ndarray) -> dict:
     from stable_sam.metrics import encode_mask
 
     return encode_mask(mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# COCO with detector boxes (a COCO results file)
+
+_DETECTION = {"image_id": 1, "category_id": 2, "bbox": [4.0, 6.0, 20.0, 10.0], "score": 0.9}
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("[{", "not JSON"),
+        (json.dumps({"annotations": []}), "a COCO results file is a JSON list of detections, got a dict"),
+        (json.dumps([3]), "detection 0 is not an object with image_id, category_id, bbox, score (got int 3)"),
+        (
+            json.dumps([_DETECTION, {"image_id": 1, "bbox": [0, 0, 1, 1]}]),
+            "detection 1 lacks category_id, score (a detection has image_id, category_id, bbox, score)",
+        ),
+        (
+            json.dumps([{**_DETECTION, "image_id": 7}]),
+            "detection 0 image_id 7 is not an image of the annotations",
+        ),
+        (json.dumps([{**_DETECTION, "bbox": [0, 0, 4]}]), "detection 0 bbox [0, 0, 4] is not 4 numbers"),
+        (
+            json.dumps([{**_DETECTION, "bbox": [0, "1", 4, 4]}]),
+            "detection 0 bbox [0, '1', 4, 4] is not 4 numbers [x, y, width, height]",
+        ),
+        (json.dumps([{**_DETECTION, "bbox": [0, 0, -4, 4]}]), "has a negative width or height"),
+        (json.dumps([{**_DETECTION, "score": None}]), "detection 0 score None is not a number"),
+        (
+            json.dumps([{**_DETECTION, "category_id": 9}]),
+            "detection 0 category_id 9 is not a category of the annotations",
+        ),
+    ],
+)
+def test_a_bad_detections_file_is_an_error_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "detections.json"
+    path.write_text(content)
+    with pytest.raises(DetectionsError) as caught:
+        read_coco_detections(path, image_ids=[1, 2], category_ids=[1, 2])
+    assert str(caught.value).startswith(f"{path}: ") and problem in str(caught.value)
+    with pytest.raises(DetectionsError, match=r"^detections file not found: .*missing\.json$"):
+        read_coco_detections(tmp_path / "missing.json", image_ids=[1], category_ids=[1])
+
+
+def test_detections_by_image_with_a_score_floor_and_images_not_evaluated(tmp_path):
+    path = tmp_path / "detections.json"
+    entries = [_DETECTION, {**_DETECTION, "score": 0.1}, {**_DETECTION, "image_id": 2}]
+    path.write_text(json.dumps(entries))
+    read = read_coco_detections(path, image_ids=[1, 2], category_ids=[2], evaluated=[1], min_score=0.5)
+    assert (read.total, read.below_min_score, read.outside, read.kept) == (3, 1, 1, 1)
+    np.testing.assert_array_equal(read.boxes[1], [[4.0, 6.0, 24.0, 16.0]])  # xywh -> xyxy
+    assert read.scores[1].tolist() == [0.9] and read.category_ids[1].tolist() == [2]
+    everything = read_coco_detections(path, image_ids=[1, 2], category_ids=[2])
+    assert everything.kept == 3 and sorted(everything.boxes) == [1, 2]
+
+
+def test_detector_boxes_are_scaled_into_the_model_frame_like_sampredictor():
+    sample = _coco_sample(5, 1)
+    sample.image = np.zeros((32, 64, 3), np.uint8)  # a wide image: the two resizes differ
+    sample.masks = np.zeros((1, 32, 64), bool)
+    sample.masks[0, 4:20, 8:40] = True
+    box = np.array([[8.0, 4.0, 40.0, 20.0]])
+    stretched = prepare_coco_image(sample, index=0, resize="stretch", image_size=64)
+    np.testing.assert_allclose(_frame_boxes(box, stretched), [[8.0, 8.0, 40.0, 40.0]])
+    longest = prepare_coco_image(sample, index=0, resize="longest_side", image_size=64)
+    np.testing.assert_allclose(_frame_boxes(box, longest), box)  # 64 x 32 is already the frame
+
+
+def test_detector_boxes_give_masks_scored_by_the_detection(tmp_path, model):
+    samples = [_coco_sample(s, s + 1) for s in range(2)]
+    cocos = [
+        prepare_coco_image(s, index=i, resize="stretch", image_size=model.img_size)
+        for i, s in enumerate(samples)
+    ]
+    embeddings = embed_images(model, [c.image for c in cocos], progress=False)
+    # The GT boxes as detections, category 7 and score 0.5 each, plus one on an image not evaluated.
+    entries = [
+        {
+            "image_id": s.image_id,
+            "category_id": 7,
+            "bbox": [float(v) for v in mask_utils_bbox(m)],
+            "score": 0.5,
+        }
+        for s in samples
+        for m in s.masks
+    ]
+    path = tmp_path / "detections.json"
+    path.write_text(json.dumps([*entries, {**entries[0], "image_id": 3}]))
+    detections = read_coco_detections(path, image_ids=[1, 2, 3], category_ids=[7], evaluated=[1, 2])
+    settings = {"sam": model.plugins_disabled, "stable_sam": contextlib.nullcontext}
+    scored = coco_box_detections(model, cocos, embeddings, detections, settings=settings, progress=False)
+    plain = coco_box_detections(
+        model, cocos, embeddings, detections, settings=settings, score="detection", progress=False
+    )
+    for name in settings:
+        assert scored[name].prompted == len(entries) == len(scored[name].detections)
+        assert {d["category_id"] for d in scored[name].detections} == {7}
+        assert [d["segmentation"] for d in scored[name].detections] == [
+            d["segmentation"] for d in plain[name].detections
+        ]
+        assert {d["score"] for d in plain[name].detections} == {0.5}
+        assert all(0 <= d["score"] <= 0.5 for d in scored[name].detections)  # x predicted IoU
+    with pytest.raises(ValueError, match="score must be one of"):
+        coco_box_detections(model, cocos, embeddings, detections, settings=settings, score="iou")
+
+
+def mask_utils_bbox(mask: np.ndarray) -> list[float]:
+    """The COCO bbox [x, y, w, h] of a mask, as pycocotools computes it for annotations."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))).tolist()
 
 
 def _record(dataset, image, setting, iou, alpha1=None, draw=0):

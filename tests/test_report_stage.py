@@ -51,6 +51,26 @@ def test_prompt_type_table_has_sam_stable_sam_and_delta_columns():
     )
 
 
+def test_coco_tables_show_each_sets_resize_and_the_detector_boxes_when_given():
+    nbox = {"sam": {"map": 20.0, "map50": 40.0}, "stable_sam": {"map": 25.0, "map50": 45.0}, "images": 5}
+    boxed = {"sam": {"map": 48.5, "map50": 70.0}, "stable_sam": {"map": 49.5, "map50": 71.0}}
+    boxed |= {"prompted": 1500, "file": "/data/detections/dino.json", "score": "detection_x_iou"}
+    metrics = {
+        "mean": MEAN,
+        "mean_over": ["x"],
+        "resize": {"embedded": "stretch", "coco_val2017": "longest_side"},
+    }
+    table = evaluation_markdown({**metrics, "coco": {"embedded": nbox}})
+    assert "| embedded | 20.0 | 25.0 | +5.0 | 40.0 | 45.0 | +5.0 | 5 | – | – | stretch |" in table
+    assert "detector boxes" not in table
+    table = evaluation_markdown(
+        {**metrics, "coco": {"embedded": nbox, "coco_val2017": {**nbox, "detections": boxed}}}
+    )
+    assert "### COCO mask AP, detector boxes (HQ-SAM's COCO protocol)" in table
+    row = "| coco_val2017 | 48.5 | 49.5 | +1.0 | 70.0 | 71.0 | +1.0 | 1500 | `dino.json` | detection_x_iou | longest_side |"
+    assert row in table
+
+
 def test_markdown_table_refuses_a_row_of_the_wrong_width():
     assert markdown_table(["a", "b"], [["x|y", 1]]).splitlines() == [
         "| a | b |",

@@ -11,7 +11,9 @@ The image encoder never runs inside the loops: :func:`embed_images` computes (or
 :class:`EmbeddingCache`) one embedding per image and model input, which every prompt kind, draw,
 model (SAM = the same weights with plug-ins off) and sweep point reuses.
 
-Also: automatic mask generation (segment-anything's ``SamAutomaticMaskGenerator`` on the
+COCO sets are scored by mask AP with every instance prompted by a noisy GT box (:mod:`.coco`,
+"N-Box"), and, given a detector's results file, with its boxes (:mod:`.coco_detections`, HQ-SAM's
+COCO protocol). Also: automatic mask generation (segment-anything's ``SamAutomaticMaskGenerator`` on the
 plugged ``Sam``) with a class-agnostic COCO AP/AR (:mod:`.automatic`), and the interactive click
 protocol with NoC@IoU (:mod:`.interactive`).
 """
@@ -33,6 +35,13 @@ from .coco import (
     coco_noisy_box_detections,
     coco_noisy_boxes,
     prepare_coco_image,
+)
+from .coco_detections import (
+    DETECTION_SCORES,
+    CocoDetections,
+    DetectionsError,
+    coco_box_detections,
+    read_coco_detections,
 )
 from .interactive import (
     ClickTrace,
@@ -57,17 +66,21 @@ from .summary import per_image_rows, summarize
 __all__ = [
     "AMG_SCORES",
     "COCO_NOISE_SCALES",
+    "DETECTION_SCORES",
     "DETERMINISTIC_KINDS",
     "CachedSamPredictor",
     "ClickTrace",
+    "CocoDetections",
     "CocoImage",
     "CocoResult",
     "Decoded",
+    "DetectionsError",
     "PreparedImage",
     "amg_coco_eval",
     "amg_detections",
     "amg_overlay",
     "click_trace",
+    "coco_box_detections",
     "coco_gt_subset",
     "coco_noisy_box_detections",
     "coco_noisy_boxes",
@@ -82,6 +95,7 @@ __all__ = [
     "per_image_rows",
     "prepare_coco_image",
     "prepare_image",
+    "read_coco_detections",
     "summarize",
     "summarize_traces",
     "write_amg",
