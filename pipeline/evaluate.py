@@ -37,20 +37,16 @@ leaves the previous run's files as they were; only a kill during the renames cou
 from __future__ import annotations
 
 import csv
-import io
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stable_sam.atomic_write import AtomicFileSet
-from stable_sam.checkpoint import file_sha256
 from stable_sam.embedding_cache import ReadOnlyEmbeddingCache
 from stable_sam.evaluation import (
     CocoDetections,
@@ -59,15 +55,13 @@ from stable_sam.evaluation import (
     coco_box_detections,
     coco_gt_subset,
     coco_noisy_box_detections,
-    decode_prompts,
-    eval_prompts,
     per_image_rows,
-    read_coco_detections,
     summarize,
 )
-from stable_sam.metrics import coco_mask_ap, mask_iou
 
 from .effect import BASELINE, EFFECT_PROMPTS, MODEL, rounded
+from .eval_coco import ap_entry, detections_entry, merge_coco, read_detections
+from .eval_figures import draw_figures, figure_indices
 from .eval_inputs import (
     COCO_ONLY,
     PLUGIN_FILE,
@@ -117,99 +111,6 @@ def eval_kinds(prompts: Sequence[str]) -> list[str]:
 # Figures
 
 
-def _figure_indices(count: int, wanted: int) -> set[int]:
-    if wanted <= 0 or count == 0:
-        return set()
-    return {int(i) for i in np.linspace(0, count - 1, min(wanted, count)).round()}
-
-
-def _to_frame(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resample of an original-resolution mask to the displayed model frame."""
-    rows = ((np.arange(size[0]) + 0.5) * mask.shape[0] / size[0]).astype(int)
-    cols = ((np.arange(size[1]) + 0.5) * mask.shape[1] / size[1]).astype(int)
-    return mask[np.ix_(rows, cols)]
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def _png_bytes(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
-def _draw_figures(
-    passes: Sequence[ModelPass],
-    embeddings: Sequence[torch.Tensor],
-    image: PreparedImage,
-    *,
-    dataset: str,
-    cfg: EvalConfig,
-    out: Path,
-) -> dict[Path, bytes]:
-    """SAM vs Stable-SAM under the same noisy box and the same single click; DSP offsets.
-
-    Returns the PNG files (path under ``out`` -> content): they are written with the other outputs.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from stable_sam.visualize import MaskPanel, compare_masks, offsets_figure
-
-    frame = image.input_image
-    size = frame.shape[:2]
-    mask_input_size = passes[0].model.mask_input_size
-    panels, offset_entries = [], []
-    for kind, label in (("noisy_box", "noisy box"), ("point_1", "1 click")):
-        (prompt,) = eval_prompts(
-            image,
-            kind,
-            draws=1,
-            seed=cfg.seed,
-            mask_input_size=mask_input_size,
-            noise_scale=cfg.noise_scale,
-            min_iou=cfg.min_box_iou,
-        )
-        decoded = {}
-        for p, embedding in zip(passes, embeddings):
-            for setting, context in p.settings.items():
-                with context():
-                    decoded[setting] = decode_prompts(
-                        p.model, embedding, [prompt], image=image, multimask_output=cfg.multimask_output
-                    )
-        sam, stable = decoded[BASELINE], decoded[MODEL]
-        panels.append(
-            MaskPanel(
-                label=label,
-                prompt=prompt,
-                sam_mask=_to_frame(sam.masks[0], size),
-                stable_mask=_to_frame(stable.masks[0], size),
-                sam_iou=mask_iou(image.mask, sam.masks[0]),
-                stable_iou=mask_iou(image.mask, stable.masks[0]),
-            )
-        )
-        if stable.offsets is not None:
-            alpha = "" if stable.alpha1 is None else f", α1 = {stable.alpha1[0]:.2f}"
-            offset_entries.append(
-                (
-                    f"DSP offsets · {label}{alpha}",
-                    prompt,
-                    stable.offsets[0].numpy(),
-                    _to_frame(stable.masks[0], size),
-                )
-            )
-    stem = _safe(f"{dataset}_{image.name}")
-    rendered = {}
-    fig = compare_masks(frame, _to_frame(image.mask, size), panels, title=f"{dataset} · {image.name}")
-    rendered[out / f"{stem}_sam_vs_stable_sam.png"] = _png_bytes(fig)
-    if offset_entries:
-        fig = offsets_figure(frame, offset_entries, title=f"{dataset} · {image.name}")
-        rendered[out / f"{stem}_offsets.png"] = _png_bytes(fig)
-    return rendered
-
-
 # ------------------------------------------------------------------------------------------------
 # The evaluation
 
@@ -245,7 +146,7 @@ def _evaluate_set(ev: _Evaluation, name: str, dataset: Any, resize: str, *, figu
     ev.resize[name] = resize
     # The split's folder (from its files), not the dataset's root (which may hold train and val).
     ev.folders.append(common_folder(f for pair in dataset.pairs for f in (pair.image_path, pair.mask_path)))
-    wanted = _figure_indices(len(dataset), ev.cfg.num_figures) if figures is not None else set()
+    wanted = figure_indices(len(dataset), ev.cfg.num_figures) if figures is not None else set()
     for chunk in hq_chunks(dataset, resize=resize, image_size=ev.image_size):
         chunk_embeddings = []
         for p in ev.passes:
@@ -257,7 +158,7 @@ def _evaluate_set(ev: _Evaluation, name: str, dataset: Any, resize: str, *, figu
         for j, image in enumerate(chunk):
             if image.index in wanted and image.frame_mask.any():
                 with torch.no_grad():
-                    ev.figures |= _draw_figures(
+                    ev.figures |= draw_figures(
                         ev.passes,
                         [e[j] for e in chunk_embeddings],
                         image,
@@ -273,45 +174,6 @@ def _evaluate_set(ev: _Evaluation, name: str, dataset: Any, resize: str, *, figu
         )
     ev.seconds[name] = round(time.perf_counter() - t0, 2)
     logger.info("%s: %d images, %d prompt types, %.1f s", name, len(dataset), len(ev.kinds), ev.seconds[name])
-
-
-def _merge_coco(into: dict[str, CocoResult], part: dict[str, CocoResult]) -> None:
-    for name, result in part.items():
-        target = into.setdefault(name, CocoResult())
-        target.detections.extend(result.detections)
-        target.prompted += result.prompted
-        target.skipped += result.skipped
-        target.escalated += result.escalated
-
-
-def _read_detections(cfg: EvalConfig, cocos: Sequence[tuple[str, Any, str]]) -> dict[str, CocoDetections]:
-    """The detections file of each COCO set named in ``eval.coco_detections``, checked before any work."""
-    names = {name for name, _, _ in cocos}
-    unknown = sorted(set(cfg.coco_detections) - names)
-    if unknown:
-        raise ValueError(
-            f"eval.coco_detections names {unknown}: not a COCO-format set of data.val (COCO sets: "
-            f"{sorted(names) or 'none'})"
-        )
-    return {
-        name: read_coco_detections(
-            cfg.coco_detections[name],
-            image_ids=coco.coco.getImgIds(),
-            category_ids=coco.coco.getCatIds(),
-            evaluated=coco.image_ids,
-            min_score=cfg.coco_detection_min_score,
-        )
-        for name, coco, _ in cocos
-        if name in cfg.coco_detections
-    }
-
-
-def _ap_entry(gt: dict[str, Any], results: dict[str, CocoResult]) -> dict[str, Any]:
-    entry = {}
-    for setting, result in results.items():
-        ap = coco_mask_ap(gt, result.detections)
-        entry[setting] = {"map": 100 * ap["map"], "map50": 100 * ap["map50"]}
-    return entry
 
 
 def _evaluate_coco(
@@ -337,15 +199,15 @@ def _evaluate_coco(
                 max_iou=cfg.coco_max_box_iou,
                 progress=False,
             )
-            _merge_coco(results, part)
+            merge_coco(results, part)
             if detections is not None:
                 part = coco_box_detections(
                     p.model, chunk, embeddings, detections, settings=p.settings,
                     score=cfg.coco_detection_score, progress=False,
                 )  # fmt: skip
-                _merge_coco(boxed, part)
+                merge_coco(boxed, part)
     gt = coco_gt_subset(coco.coco.dataset, coco.image_ids)
-    entry = _ap_entry(gt, results)
+    entry = ap_entry(gt, results)
     any_result = next(iter(results.values()))
     entry.update(
         images=len(coco),
@@ -354,17 +216,7 @@ def _evaluate_coco(
         escalated=any_result.escalated,
     )
     if detections is not None:
-        entry["detections"] = {
-            **_ap_entry(gt, boxed),
-            "file": str(detections.path),
-            "sha256": file_sha256(detections.path),
-            "score": cfg.coco_detection_score,
-            "min_score": cfg.coco_detection_min_score,
-            "in_file": detections.total,
-            "below_min_score": detections.below_min_score,
-            "outside": detections.outside,  # on images not evaluated (no instance, coco_max_images)
-            "prompted": detections.kept,
-        }
+        entry["detections"] = detections_entry(gt, boxed, detections, cfg)
         logger.info(
             "%s COCO detector boxes (%s): mAP SAM %.1f, Stable-SAM %.1f (%d boxes)",
             name, detections.path, entry["detections"][BASELINE]["map"], entry["detections"][MODEL]["map"],
@@ -484,7 +336,7 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
     )
     raw = read_raw_manifest(paths.raw)
     cocos = coco_sets(params, raw)
-    detections = _read_detections(cfg, cocos)
+    detections = read_detections(cfg, cocos)
     for d, (name, dataset, resize) in enumerate(hq_sets(params, raw)):
         _evaluate_set(ev, name, dataset, resize, figures=paths.figures if d == 0 else None)
     for name, coco, resize in cocos:
