@@ -29,8 +29,6 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from stable_sam.build import SAM_TYPES
 from stable_sam.config import (
     COUNT,
-    EVAL_PROMPT_KIND,
-    EVAL_RESIZE_MODES,
     NAME,
     NON_NEGATIVE,
     POINT_COUNTS,
@@ -55,9 +53,9 @@ from stable_sam.config import (
     ordered,
 )
 from stable_sam.data import DATASETS
-from stable_sam.evaluation import DETECTION_SCORES
 
 from .params_annotator import AutomaticConfig, InteractiveConfig
+from .params_eval import EVAL_DEVICES, EVAL_RESIZE, EVAL_RESIZE_AUTO, EvalConfig
 
 __all__ = [
     "EVAL_DEVICES",
@@ -89,9 +87,6 @@ __all__ = [
 
 FETCH_SOURCES = ("embedded", "remote", "local")
 FETCH_VALIDATIONS = ("full", "header")
-EVAL_DEVICES = ("auto", "cuda", "cpu")
-# data.eval_resize: each evaluation set's protocol resize (stable_sam.data.protocol_resize).
-EVAL_RESIZE_AUTO = "auto"
 # Names of trained variants (ablate.variants): DVC pastes them into commands and paths.
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
@@ -99,24 +94,6 @@ _NAMES = list_of(NAME, non_empty=True)
 _SHA256 = Allowed(
     lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None),
     "null or 64 lowercase hex digits (a sha256)",
-)
-_EVAL_RESIZE = Allowed(
-    lambda v: (
-        v == EVAL_RESIZE_AUTO
-        or v in EVAL_RESIZE_MODES
-        or (
-            isinstance(v, Mapping)
-            and bool(v)
-            and all(isinstance(k, str) and k and m in EVAL_RESIZE_MODES for k, m in v.items())
-        )
-    ),
-    f"{EVAL_RESIZE_AUTO!r} (each set's protocol), "
-    + " or ".join(repr(m) for m in EVAL_RESIZE_MODES)
-    + " (every set), or a non-empty mapping of set names to one of them (the others: auto)",
-)
-_DETECTIONS = Allowed(
-    lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and NAME.accepts(f) for k, f in v.items()),
-    "a mapping of set names to detection files ({} for none)",
 )
 _VARIANT_MAP = Allowed(
     lambda v: (
@@ -177,7 +154,7 @@ class DataConfig:
     train: list[str] = field(metadata=allows(_NAMES))  # registered dataset names or HQSeg-layout folders
     val: list[str] = field(metadata=allows(_NAMES))
     # [21] "auto" | a mode for every set | {set name: mode}: see pipeline.eval_inputs.set_resize
-    eval_resize: Any = field(metadata=allows(_EVAL_RESIZE))
+    eval_resize: Any = field(metadata=allows(EVAL_RESIZE))
     lsj_min_scale: float = option(POSITIVE)  # large-scale jitter of the training images
     lsj_max_scale: float = option(POSITIVE)
     hflip_probability: float = option(PROBABILITY)
@@ -251,31 +228,6 @@ class RayConfig:
     max_failures: int = option(integer(-1))  # -1: retry forever (Ray's FailureConfig)
     storage_path: str | None  # None: <repo>/.ray_results (shared storage on clusters)
     address: str | None  # None: RAY_ADDRESS, else a private loopback Ray (pipeline/ray_runtime.py)
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation protocol (method spec sections 5 and 6); also the prompt protocol of the sweeps."""
-
-    prompts: list[str] = field(metadata=allows(list_of(EVAL_PROMPT_KIND)))
-    draws: int = option(COUNT)  # K prompt draws for mIoU ± std and ST [19, 20]
-    seed: int = option(SEED)
-    noise_scale: float = option(NON_NEGATIVE)
-    min_box_iou: float = option(PROBABILITY)
-    multimask_output: bool
-    coco_max_images: int | None = option(nullable(COUNT))
-    coco_min_box_iou: float = option(PROBABILITY)  # COCO "N-Box (0.5-0.6)"
-    coco_max_box_iou: float = option(PROBABILITY)
-    # {COCO-format set of data.val: a detector's COCO results file}: its boxes prompt the models too
-    coco_detections: dict[str, str] = field(metadata=allows(_DETECTIONS))
-    coco_detection_min_score: float = option(NON_NEGATIVE)  # 0: every detection (HQ-SAM)
-    coco_detection_score: str = option(one_of(DETECTION_SCORES))
-    num_figures: int = option(integer(0))
-    threads: int | None = option(nullable(COUNT))  # None: torch's default (all cores)
-    device: str = option(one_of(EVAL_DEVICES))
-    embed_batch_size: int = option(COUNT)
-
-    rules: ClassVar[tuple[Rule, ...]] = (ordered("coco_min_box_iou", "coco_max_box_iou"),)
 
 
 @dataclass

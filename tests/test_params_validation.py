@@ -205,10 +205,11 @@ CORE_CHOICES = (
     "PADDING_MODES", "REPLACE_MODES", "INITS", "DECODER_TUNINGS", "ENCODER_TUNINGS",
     "COARSE_MASK_VALUES", "EVAL_RESIZE_MODES",
 )  # fmt: skip
-PIPELINE_CHOICES = ("FETCH_SOURCES", "FETCH_VALIDATIONS", "EVAL_DEVICES")
+PIPELINE_CHOICES = ("FETCH_SOURCES", "FETCH_VALIDATIONS")
 DECLARED = {
     **dict.fromkeys(CORE_CHOICES, "stable_sam/config.py"),
     **dict.fromkeys(PIPELINE_CHOICES, "pipeline/params.py"),
+    "EVAL_DEVICES": "pipeline/params_eval.py",  # (re-exported by pipeline/params.py)
 }
 
 
