@@ -58,7 +58,7 @@ def run(params: Params, paths: EmbedPaths, *, tracker: Any = None) -> dict[str, 
     set_threads(params.eval.threads)
     started = time.perf_counter()
     source = read_sam_source(paths.base)
-    model = sam_model(source, device=params.eval.device)
+    model = sam_model(source, device=params.eval.device, encoder_precision=params.sam.encoder_precision)
     raw = read_raw_manifest(paths.raw)
     resize, size = params.data.eval_resize, model.img_size
     cache = EmbeddingCache(paths.out, max_memory_items=0)

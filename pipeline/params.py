@@ -29,6 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from stable_sam.build import SAM_TYPES
 from stable_sam.config import (
     COUNT,
+    ENCODER_PRECISIONS,
     EVAL_PROMPT_KIND,
     EVAL_RESIZE_MODES,
     NAME,
@@ -115,6 +116,9 @@ class SamConfig:
     type: str = option(one_of(SAM_TYPES))
     checkpoint: str | None  # None: the official checkpoint the fetch stage verified (vit_*)
     sha256: str | None = option(_SHA256)  # pinned by the base stage; None: not pinned
+    # How the frozen image encoder runs (train, embed, evaluate, sweeps, annotators): fp32 is
+    # segment-anything's code; bf16 / fp16 the fast path (StableSam.set_encoder_precision).
+    encoder_precision: str = option(one_of(ENCODER_PRECISIONS))
 
 
 @dataclass
@@ -289,6 +293,12 @@ class Params:
             ("train.batch_size", "ray.num_workers"),
             lambda batch, workers: batch % workers == 0,
             "train.batch_size divisible by ray.num_workers (the global batch is split over the workers)",
+        ),
+        Rule(
+            ("sam.encoder_precision", "tuning.encoder"),
+            lambda precision, encoder: precision == "fp32" or encoder == "frozen",
+            "sam.encoder_precision fp32 when tuning.encoder is not frozen (the fast path is for a "
+            "frozen encoder; LoRA/adapters train through it)",
         ),
     )
 

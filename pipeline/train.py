@@ -36,6 +36,7 @@ from stable_sam.build import build_stable_sam
 from stable_sam.checkpoint import save_plugin_checkpoint
 from stable_sam.config import config_from_dict, config_to_dict
 from stable_sam.data import open_dataset
+from stable_sam.modeling import StableSam
 from stable_sam.training import (
     AugmentedPromptDataset,
     LoopConfig,
@@ -68,6 +69,7 @@ __all__ = [
     "run",
     "set_aside_unusable_ray_run",
     "train_loop_per_worker",
+    "worker_model",
 ]
 
 logger = logging.getLogger("pipeline.train")
@@ -92,6 +94,23 @@ def _open_training_set(spec: dict[str, str]):
     return read_raw_manifest(spec["raw_dir"]).open_dataset(spec["name"], split="train")
 
 
+def worker_model(params: Params, source: SamSource) -> StableSam:
+    """The model a worker trains: the base SAM, frozen, with the plug-ins (and tuning) of ``params``.
+
+    The frozen encoder runs as ``sam.encoder_precision`` says (its fast path, or fp32).
+    """
+    model = build_stable_sam(
+        sam_type=source.sam_type,
+        sam_checkpoint=source.checkpoint,
+        plugin_config=params.plugin,
+        tuning=params.tuning,
+        encoder_precision=params.sam.encoder_precision,
+    )
+    if model.sam_checkpoint_sha256 != source.sha256:
+        raise RuntimeError(f"{source.checkpoint} changed since the base stage hashed it ({source.sha256})")
+    return model
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function (also callable without Ray for world size 1)."""
     import ray.train
@@ -109,14 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Module initialisers (the DRP's first layer) draw from the global RNG: seed it.
     torch.manual_seed(cfg.seed)
-    model = build_stable_sam(
-        sam_type=source.sam_type,
-        sam_checkpoint=source.checkpoint,
-        plugin_config=params.plugin,
-        tuning=params.tuning,
-    )
-    if model.sam_checkpoint_sha256 != source.sha256:
-        raise RuntimeError(f"{source.checkpoint} changed since the base stage hashed it ({source.sha256})")
+    model = worker_model(params, source)
     model.train()
     # Only the trainable tensors take part in DDP: the frozen SAM is neither broadcast nor reduced.
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [
@@ -343,6 +355,7 @@ def run(
         },
         scaling.num_workers,
         source.sha256,
+        params.sam.encoder_precision,  # bf16 embeddings train other weights than fp32 ones
         _folder_digest(data_dir),
         code=(*TRAINING_CODE, "pipeline/train.py"),
     )

@@ -18,7 +18,13 @@ import pytest
 import torch
 from conftest import random_stable_sam
 from segment_anything.modeling.image_encoder import Attention
+from test_evaluate_stage import N_IMAGES, make_project, tiny_params
 
+from pipeline.embed import EmbedPaths
+from pipeline.embed import run as embed
+from pipeline.eval_inputs import model_passes, sam_model
+from pipeline.sam_source import read_sam_source
+from pipeline.train import worker_model
 from stable_sam.build import SMALL_SAM_SPECS
 from stable_sam.config import TuningConfig
 from stable_sam.embedding_cache import EmbeddingCache
@@ -205,3 +211,33 @@ def test_the_fast_path_is_refused_for_a_tuned_encoder_and_unknown_precisions():
     with pytest.raises(ValueError, match="must be one of \\['fp32', 'bf16', 'fp16'\\], got 'fp8'"):
         model.set_encoder_precision("fp8")
     assert not uses_fast_attention(model.sam.image_encoder)
+
+
+def test_every_stage_model_gets_sam_encoder_precision(tmp_path):
+    project = make_project(tmp_path / "project")
+    source = read_sam_source(project["base"])
+    params = tiny_params()
+    params.sam = dataclasses.replace(params.sam, encoder_precision="bf16")
+
+    models = [
+        sam_model(source, device="cpu", encoder_precision="bf16"),
+        worker_model(params, source),  # the train stage's
+        *(
+            p.model
+            for p in model_passes(project["base"], project["plugin"], device="cpu", encoder_precision="bf16")[
+                0
+            ]
+        ),
+    ]
+    for model in models:
+        assert model.encoder_precision == "bf16" and uses_fast_attention(model.sam.image_encoder)
+
+    # The embed stage keys its entries by it: an fp32 and a bf16 cache share no entry.
+    names = {}
+    for precision in ("fp32", "bf16"):
+        params.sam = dataclasses.replace(params.sam, encoder_precision=precision)
+        out = tmp_path / precision
+        embed(params, EmbedPaths(project["base"], project["raw"], out, tmp_path / f"{precision}.json"))
+        names[precision] = {p.name for p in out.rglob("*.pt")}
+    assert len(names["fp32"]) == len(names["bf16"]) == N_IMAGES
+    assert names["fp32"].isdisjoint(names["bf16"])
