@@ -7,7 +7,8 @@ SAM's image encoder is frozen, so its output for an evaluation image never chang
 runs it once per image of every evaluation set (``data.val``, brought to the model frame with
 ``data.eval_resize``; COCO-format sets too) and writes the embeddings in
 :class:`stable_sam.embedding_cache.EmbeddingCache`'s disk format, keyed by image content,
-preprocessing, SAM type and SAM checkpoint sha256. The ``evaluate`` stage and every ``ablate``
+preprocessing, SAM type, SAM checkpoint sha256 and ``sam.encoder_precision`` (the encoder's fast
+path, when on: its keys never match fp32 ones). The ``evaluate`` stage and every ``ablate``
 sweep point read this folder (read-only) and run the decoder only. Variants whose encoder is
 tuned (LoRA, adapters) cannot use it and embed their images themselves (their evaluation says so).
 
