@@ -84,7 +84,9 @@ def _sweep_records(
 ) -> tuple[list[dict[str, Any]], dict[str, int], str, ReadOnlyEmbeddingCache]:
     """Records of ``kinds``, plus noisy boxes at each of ``noise_scales`` (kind ``noisy_box@S``:
     the same random draws at every scale, so only the looseness changes)."""
-    passes, how = model_passes(paths.base, paths.plugin, device=params.eval.device)
+    passes, how = model_passes(
+        paths.base, paths.plugin, device=params.eval.device, encoder_precision=params.sam.encoder_precision
+    )
     if extra_settings is not None:
         for p in passes:
             if MODEL in p.settings:

@@ -175,7 +175,9 @@ def run(params: Params, paths: AutomaticPaths, *, tracker: Any = None) -> dict[s
     cfg = params.automatic
     set_threads(params.eval.threads)
     started = time.perf_counter()
-    passes, baseline_how = model_passes(paths.base, paths.plugin, device=params.eval.device)
+    passes, baseline_how = model_passes(
+        paths.base, paths.plugin, device=params.eval.device, encoder_precision=params.sam.encoder_precision
+    )
     raw = read_raw_manifest(paths.raw)
     sets: dict[str, Any] = {}
     figure_rows: list[tuple[np.ndarray, list[dict], list[dict]]] = []

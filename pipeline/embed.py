@@ -7,7 +7,8 @@ SAM's image encoder is frozen, so its output for an evaluation image never chang
 runs it once per image of every evaluation set (``data.val``, brought to the model frame with
 the set's resize, see ``data.eval_resize``; COCO-format sets too) and writes the embeddings in
 :class:`stable_sam.embedding_cache.EmbeddingCache`'s disk format, keyed by image content,
-preprocessing, SAM type and SAM checkpoint sha256. The ``evaluate`` stage and every ``ablate``
+preprocessing, SAM type, SAM checkpoint sha256 and ``sam.encoder_precision`` (the encoder's fast
+path, when on: its keys never match fp32 ones). The ``evaluate`` stage and every ``ablate``
 sweep point read this folder (read-only) and run the decoder only. Variants whose encoder is
 tuned (LoRA, adapters) cannot use it and embed their images themselves (their evaluation says so).
 
@@ -58,7 +59,7 @@ def run(params: Params, paths: EmbedPaths, *, tracker: Any = None) -> dict[str, 
     set_threads(params.eval.threads)
     started = time.perf_counter()
     source = read_sam_source(paths.base)
-    model = sam_model(source, device=params.eval.device)
+    model = sam_model(source, device=params.eval.device, encoder_precision=params.sam.encoder_precision)
     raw = read_raw_manifest(paths.raw)
     size = model.img_size
     cache = EmbeddingCache(paths.out, max_memory_items=0)

@@ -188,12 +188,20 @@ def resolve_device(choice: str, sam_type: str) -> str:
     return "cpu"
 
 
-def sam_model(source: SamSource, *, plugin_checkpoint: Path | None = None, device: str = "auto") -> StableSam:
+def sam_model(
+    source: SamSource,
+    *,
+    plugin_checkpoint: Path | None = None,
+    device: str = "auto",
+    encoder_precision: str = "fp32",
+) -> StableSam:
     """The model of a stage: the frozen SAM of ``source``, with the plug-in checkpoint if given.
 
     Without a checkpoint the model has no plug-in at all (plain SAM, for the encoder or as the
     baseline of variants that change SAM's own weights). ``device``: ``eval.device``, see
     :func:`resolve_device` (the evaluation code moves embeddings and prompts to the model's device).
+    ``encoder_precision``: ``sam.encoder_precision`` (the frozen encoder's fast path, which also
+    keys the embedding cache, so every stage of one run must pass the same value).
     """
     model = build_stable_sam(
         sam_type=source.sam_type,
@@ -201,6 +209,7 @@ def sam_model(source: SamSource, *, plugin_checkpoint: Path | None = None, devic
         plugin_config=None if plugin_checkpoint is not None else PluginConfig(variant="none"),
         plugin_checkpoint=plugin_checkpoint,
         device=resolve_device(device, source.sam_type),
+        encoder_precision=encoder_precision,
     )
     if model.sam_checkpoint_sha256 != source.sha256:
         raise RuntimeError(f"{source.checkpoint} changed since the base stage hashed it ({source.sha256})")
@@ -222,22 +231,27 @@ class ModelPass:
     embedded: int = field(default=0)  # images this model embedded itself (encoder tuned)
 
 
-def model_passes(base: Path, plugin_dir: Path, *, device: str = "auto") -> tuple[list[ModelPass], str]:
+def model_passes(
+    base: Path, plugin_dir: Path, *, device: str = "auto", encoder_precision: str = "fp32"
+) -> tuple[list[ModelPass], str]:
     """The models that produce the "sam" and "stable_sam" settings, and how the baseline is made.
 
     A checkpoint that trains nothing of SAM itself gives one model evaluated twice: plug-ins off
     ("sam") and on ("stable_sam"). One that also changed SAM's weights (tuning.decoder or
-    tuning.encoder not frozen) gets a separate plain SAM as its baseline.
+    tuning.encoder not frozen) gets a separate plain SAM as its baseline. ``device`` and
+    ``encoder_precision``: see :func:`sam_model`.
     """
     source = read_sam_source(base)
-    model = sam_model(source, plugin_checkpoint=plugin_dir / PLUGIN_FILE, device=device)
+    model = sam_model(
+        source, plugin_checkpoint=plugin_dir / PLUGIN_FILE, device=device, encoder_precision=encoder_precision
+    )
     tuning = model.tuning
     if tuning.decoder == "frozen" and tuning.encoder == "frozen":
         return (
             [ModelPass(model, {BASELINE: model.plugins_disabled, MODEL: contextlib.nullcontext})],
             "same model with the plug-ins disabled",
         )
-    vanilla = sam_model(source, device=device)
+    vanilla = sam_model(source, device=device, encoder_precision=encoder_precision)
     how = (
         f"a separate plain SAM (the checkpoint tunes decoder={tuning.decoder}, encoder={tuning.encoder}, "
         "so plug-ins off is not SAM)"

@@ -327,7 +327,9 @@ def run(params: Params, paths: EvaluatePaths, *, tracker: Any = None) -> dict[st
     cfg = params.eval
     set_threads(cfg.threads)
     started = time.perf_counter()
-    passes, baseline_how = model_passes(paths.base, paths.plugin, device=cfg.device)
+    passes, baseline_how = model_passes(
+        paths.base, paths.plugin, device=cfg.device, encoder_precision=params.sam.encoder_precision
+    )
     ev = _Evaluation(
         cfg=cfg,
         passes=passes,

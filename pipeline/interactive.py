@@ -159,7 +159,9 @@ def run(params: Params, paths: InteractivePaths, *, tracker: Any = None) -> dict
     cfg = params.interactive
     set_threads(params.eval.threads)
     started = time.perf_counter()
-    passes, baseline_how = model_passes(paths.base, paths.plugin, device=params.eval.device)
+    passes, baseline_how = model_passes(
+        paths.base, paths.plugin, device=params.eval.device, encoder_precision=params.sam.encoder_precision
+    )
     raw = read_raw_manifest(paths.raw)
     cache = ReadOnlyEmbeddingCache(paths.embeddings, max_memory_items=64)
     tags = _threshold_tags(cfg.iou_thresholds)

@@ -29,6 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from stable_sam.build import SAM_TYPES
 from stable_sam.config import (
     COUNT,
+    ENCODER_PRECISIONS,
     NAME,
     NON_NEGATIVE,
     POINT_COUNTS,
@@ -116,6 +117,9 @@ class SamConfig:
     type: str = option(one_of(SAM_TYPES))
     checkpoint: str | None  # None: the official checkpoint the fetch stage verified (vit_*)
     sha256: str | None = option(_SHA256)  # pinned by the base stage; None: not pinned
+    # How the frozen image encoder runs (train, embed, evaluate, sweeps, annotators): fp32 is
+    # segment-anything's code; bf16 / fp16 the fast path (StableSam.set_encoder_precision).
+    encoder_precision: str = option(one_of(ENCODER_PRECISIONS))
 
 
 @dataclass
@@ -294,6 +298,12 @@ class Params:
             ),
             "data.eval_resize's set names among the registered datasets and the folder names of "
             "data.val and interactive.sets",
+        ),
+        Rule(
+            ("sam.encoder_precision", "tuning.encoder"),
+            lambda precision, encoder: precision == "fp32" or encoder == "frozen",
+            "sam.encoder_precision fp32 when tuning.encoder is not frozen (the fast path is for a "
+            "frozen encoder; LoRA/adapters train through it)",
         ),
     )
 

@@ -26,14 +26,18 @@ from typing import Any, TypeVar
 import torch
 
 __all__ = [
+    "STATE_FILE",
     "TRAINING_CODE",
+    "TRAIN_STATE_KEYS",
     "ResumeStateError",
     "code_fingerprint",
     "move_aside",
     "read_state_file",
     "repo_root",
+    "restore_training_state",
     "resume_or_start",
     "run_fingerprint",
+    "set_aside_unusable_ray_run",
     "state_dir",
 ]
 
@@ -155,3 +159,65 @@ def resume_or_start(
         logger.warning("%s; moved it to %s and starting over", err, aside)
         return build(), None
     return objects, state
+
+
+# The train stage's Ray checkpoints: what one holds, loading it, setting aside a run that cannot resume
+STATE_FILE = "state.pt"
+TRAIN_STATE_KEYS = ("trainable", "optimizer", "step", "history")
+
+
+def restore_training_state(
+    checkpoint_dir: Path, model: Any, optimizer: torch.optim.Optimizer, *, run_dir: str
+) -> tuple[int, list[dict[str, float]]]:
+    """Load a Ray checkpoint's state into the model and optimiser; returns (step, history).
+
+    Raises:
+      ResumeStateError: naming the checkpoint and the Ray run folder to remove when the state
+        does not load or does not fit (Ray hands the same checkpoint to every restart).
+    """
+    state_file = checkpoint_dir / STATE_FILE
+    try:
+        state = read_state_file(state_file, required=TRAIN_STATE_KEYS)
+        model.load_trainable_state_dict(state["trainable"], source=str(state_file))
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), list(state["history"])
+    except (ResumeStateError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ResumeStateError(
+            f"cannot resume from the Ray checkpoint {checkpoint_dir}: {err}. Every rerun resumes from "
+            f"it: remove (or move aside) the Ray run folder {run_dir} to train from the start"
+        ) from err
+
+
+def set_aside_unusable_ray_run(run_dir: Path) -> Path | None:
+    """Move the Ray run folder aside when Ray could not resume from it; returns where it went.
+
+    Ray resumes a run from the latest checkpoint of its snapshot and gives that checkpoint to
+    every worker restart, so an unreadable snapshot or state file would fail every rerun. Checked
+    on the driver before ``fit``: the snapshot through Ray's ``Result.from_path``, the latest
+    checkpoint's state file with :func:`read_state_file`. A folder without a snapshot (killed
+    before its first checkpoint) holds nothing to resume and is left to Ray.
+    """
+    if not run_dir.exists():
+        return None
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(run_dir)
+    except RuntimeError:  # no folder or no checkpoint snapshot in it: Ray starts afresh
+        return None
+    except Exception as err:  # the snapshot does not parse (Ray's own error types)
+        reason = f"its checkpoint snapshot cannot be read ({type(err).__name__}: {err})"
+    else:
+        if result.checkpoint is None:
+            return None
+        try:
+            with result.checkpoint.as_directory() as directory:
+                read_state_file(Path(directory) / STATE_FILE, required=TRAIN_STATE_KEYS)
+            return None
+        except ResumeStateError as err:
+            reason = str(err)
+    aside = move_aside(run_dir)
+    logger.warning(
+        "Ray run %s cannot be resumed: %s; moved it to %s and training from the start", run_dir, reason, aside
+    )
+    return aside

@@ -36,6 +36,7 @@ from stable_sam.build import SamWeights, build_stable_sam
 from stable_sam.checkpoint import save_plugin_checkpoint
 from stable_sam.config import config_from_dict, config_to_dict
 from stable_sam.data import SegmentationFolder, open_dataset
+from stable_sam.modeling import StableSam
 from stable_sam.training import (
     AugmentedPromptDataset,
     LoopConfig,
@@ -51,11 +52,11 @@ from .cluster_checks import check_every_node, storage_location
 from .params import Params, load_params
 from .ray_runtime import check_resources, init_ray, is_loopback_ray
 from .run_state import (
+    STATE_FILE,
     TRAINING_CODE,
-    ResumeStateError,
-    move_aside,
-    read_state_file,
+    restore_training_state,
     run_fingerprint,
+    set_aside_unusable_ray_run,
 )
 from .sam_source import SamSource, read_sam_source, write_json_atomic
 from .stage_cli import stage_argument_parser
@@ -67,12 +68,10 @@ __all__ = [
     "run",
     "set_aside_unusable_ray_run",
     "train_loop_per_worker",
+    "worker_model",
 ]
 
 logger = logging.getLogger("pipeline.train")
-
-STATE_FILE = "state.pt"
-TRAIN_STATE_KEYS = ("trainable", "optimizer", "step", "history")
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,21 @@ class TrainPaths:
     out: Path  # models/stable_sam
     metrics: Path  # metrics/train.json
     plot: Path  # plots/train.csv
+
+
+def worker_model(params: Params, weights: SamWeights | str | Path, sam_type: str) -> StableSam:
+    """The model a worker trains: the base SAM (``weights``: read once by the driver, or a file),
+    frozen, with the plug-ins (and tuning) of ``params``.
+
+    The frozen encoder runs as ``sam.encoder_precision`` says (its fast path, or fp32).
+    """
+    return build_stable_sam(
+        sam_type=sam_type,
+        sam_checkpoint=weights,
+        plugin_config=params.plugin,
+        tuning=params.tuning,
+        encoder_precision=params.sam.encoder_precision,
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -106,12 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Module initialisers (the DRP's first layer) draw from the global RNG: seed it.
     torch.manual_seed(cfg.seed)
-    model = build_stable_sam(
-        sam_type=source.sam_type,
-        sam_checkpoint=weights,
-        plugin_config=params.plugin,
-        tuning=params.tuning,
-    )
+    model = worker_model(params, weights, source.sam_type)
     model.train()
     # Only the trainable tensors take part in DDP: the frozen SAM is neither broadcast nor reduced.
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [
@@ -222,63 +231,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
 
-def restore_training_state(
-    checkpoint_dir: Path, model: Any, optimizer: torch.optim.Optimizer, *, run_dir: str
-) -> tuple[int, list[dict[str, float]]]:
-    """Load a Ray checkpoint's state into the model and optimiser; returns (step, history).
-
-    Raises:
-      ResumeStateError: naming the checkpoint and the Ray run folder to remove when the state
-        does not load or does not fit (Ray hands the same checkpoint to every restart).
-    """
-    state_file = checkpoint_dir / STATE_FILE
-    try:
-        state = read_state_file(state_file, required=TRAIN_STATE_KEYS)
-        model.load_trainable_state_dict(state["trainable"], source=str(state_file))
-        optimizer.load_state_dict(state["optimizer"])
-        return int(state["step"]), list(state["history"])
-    except (ResumeStateError, KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise ResumeStateError(
-            f"cannot resume from the Ray checkpoint {checkpoint_dir}: {err}. Every rerun resumes from "
-            f"it: remove (or move aside) the Ray run folder {run_dir} to train from the start"
-        ) from err
-
-
-def set_aside_unusable_ray_run(run_dir: Path) -> Path | None:
-    """Move the Ray run folder aside when Ray could not resume from it; returns where it went.
-
-    Ray resumes a run from the latest checkpoint of its snapshot and gives that checkpoint to
-    every worker restart, so an unreadable snapshot or state file would fail every rerun. Checked
-    on the driver before ``fit``: the snapshot through Ray's ``Result.from_path``, the latest
-    checkpoint's state file with :func:`read_state_file`. A folder without a snapshot (killed
-    before its first checkpoint) holds nothing to resume and is left to Ray.
-    """
-    if not run_dir.exists():
-        return None
-    from ray.train import Result
-
-    try:
-        result = Result.from_path(run_dir)
-    except RuntimeError:  # no folder or no checkpoint snapshot in it: Ray starts afresh
-        return None
-    except Exception as err:  # the snapshot does not parse (Ray's own error types)
-        reason = f"its checkpoint snapshot cannot be read ({type(err).__name__}: {err})"
-    else:
-        if result.checkpoint is None:
-            return None
-        try:
-            with result.checkpoint.as_directory() as directory:
-                read_state_file(Path(directory) / STATE_FILE, required=TRAIN_STATE_KEYS)
-            return None
-        except ResumeStateError as err:
-            reason = str(err)
-    aside = move_aside(run_dir)
-    logger.warning(
-        "Ray run %s cannot be resumed: %s; moved it to %s and training from the start", run_dir, reason, aside
-    )
-    return aside
-
-
 def _training_set(paths: TrainPaths) -> SegmentationFolder:
     """The training set as the synthesize stage wrote it (occluded or, with train.use_occlusion
     false, unchanged): opened once, on the driver; the workers get its pair list."""
@@ -326,6 +278,7 @@ def run(
         },
         scaling.num_workers,
         source.sha256,
+        params.sam.encoder_precision,  # bf16 embeddings train other weights than fp32 ones
         _folder_digest(data_dir),
         code=(*TRAINING_CODE, "pipeline/train.py"),
     )
@@ -406,9 +359,7 @@ def run(
     history = state["history"]
 
     del shipped  # the object store may drop the weights now
-    model = build_stable_sam(
-        sam_type=source.sam_type, sam_checkpoint=weights, plugin_config=params.plugin, tuning=params.tuning
-    )
+    model = worker_model(params, weights, source.sam_type)
     model.load_trainable_state_dict(state["trainable"], source=f"Ray run {run_name}")
     plugin_path = paths.out / "plugin.pt"
     save_plugin_checkpoint(

@@ -259,6 +259,7 @@ def build_stable_sam(
     tuning: TuningConfig | None = None,
     plugin_checkpoint: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
+    encoder_precision: str = "fp32",
 ) -> StableSam:
     """Stable-SAM on a frozen SAM: registry -> strict SAM checkpoint -> freeze -> plug-ins -> weights.
 
@@ -273,6 +274,8 @@ def build_stable_sam(
       plugin_checkpoint: a plug-in checkpoint written by :func:`save_plugin_checkpoint`, loaded
         strictly; its SAM type and SAM checkpoint hash must match.
       device: where to put the model.
+      encoder_precision: "fp32" (segment-anything's encoder as it is) or the frozen encoder's fast
+        path, "bf16" / "fp16" (:meth:`StableSam.set_encoder_precision`).
     """
 
     stored = None if plugin_checkpoint is None else read_plugin_checkpoint(plugin_checkpoint)
@@ -286,6 +289,7 @@ def build_stable_sam(
         plugin_config=plugin_config or PluginConfig(),
         tuning=tuning or TuningConfig(),
         sam_checkpoint_sha256=sha,
+        encoder_precision=encoder_precision,
     )
     if stored is not None:
         load_plugin_checkpoint(model, stored)

@@ -6,6 +6,7 @@ Examples::
     stable-sam predict photo.jpg --box 40,60,300,410 --sam-type vit_l \\
         --sam-checkpoint sam_vit_l_0b3195.pth --plugin models/stable_sam/plugin.pt
     stable-sam predict photo.jpg --point 120,200 --point 300,40 --label 1 --label 0 ...
+    stable-sam predict photo.jpg --box ... --encoder-precision bf16    # the encoder fast path
     stable-sam info --sam-type vit_b
     stable-sam amg photo.jpg --sam-type vit_l --sam-checkpoint sam_vit_l_0b3195.pth \\
         --plugin models/stable_sam/plugin.pt --out-dir masks/
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from .build import SAM_TYPES, build_stable_sam
 from .checkpoint import SamCheckpointError, read_plugin_checkpoint
-from .config import config_to_dict
+from .config import ENCODER_PRECISIONS, config_to_dict
 from .embedding_cache import EmbeddingCache
 from .evaluation.automatic import mask_generator, write_amg
 from .modeling import StableSam
@@ -90,7 +91,9 @@ def _read_image(image_path: Path) -> np.ndarray:
         raise SystemExit(f"error: cannot read image {image_path}: {err}") from None
 
 
-def _load_model(args: argparse.Namespace, *, device: str | None = None, what: str) -> StableSam:
+def _load_model(
+    args: argparse.Namespace, *, device: str | None = None, what: str, encoder_precision: str = "fp32"
+) -> StableSam:
     """The model of the shared flags (``--sam-type``, ``--sam-checkpoint``, ``--plugin``); errors exit."""
     if args.plugin and not args.sam_checkpoint:
         try:
@@ -107,6 +110,7 @@ def _load_model(args: argparse.Namespace, *, device: str | None = None, what: st
             sam_checkpoint=args.sam_checkpoint,
             plugin_checkpoint=args.plugin,
             device=device,
+            encoder_precision=encoder_precision,
         )
     except (SamCheckpointError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
@@ -131,7 +135,7 @@ def _predict(args: argparse.Namespace) -> int:
             box = clip_box(np.asarray(args.box, dtype=np.float32), *image.shape[:2])
         except ValueError as err:
             raise SystemExit(f"error: --box: {err}") from None
-    model = _load_model(args, device=args.device, what="the mask")
+    model = _load_model(args, device=args.device, what="the mask", encoder_precision=args.encoder_precision)
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else None
     predictor = StableSamPredictor(model, cache=cache)
     predictor.set_image(image)
@@ -171,7 +175,7 @@ def _amg(args: argparse.Namespace) -> int:
     """Automatic masks of one image: ``<stem>_masks.json`` (COCO RLE) and ``<stem>_amg.png``."""
     image_path = Path(args.image)
     image = _read_image(image_path)
-    model = _load_model(args, device=args.device, what="every mask")
+    model = _load_model(args, device=args.device, what="every mask", encoder_precision=args.encoder_precision)
     generator = mask_generator(
         model,
         points_per_side=args.points_per_side,
@@ -293,6 +297,18 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plugin", action="store_true", help="plain SAM (plug-ins off) for comparison")
 
 
+def _add_encoder_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of commands that run the image encoder (``predict``, ``amg``)."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--encoder-precision",
+        default="fp32",
+        choices=ENCODER_PRECISIONS,
+        help="fp32: SAM's encoder as it is; bf16 / fp16: its fast path (SDPA attention + autocast; "
+        "embeddings within about 1%% of fp32)",
+    )
+
+
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export-onnx",
@@ -333,7 +349,7 @@ def _add_amg_parser(sub: argparse._SubParsersAction) -> None:
     amg.add_argument("--pred-iou-thresh", type=float, default=0.88, help="keep masks scored above it")
     amg.add_argument("--stability-score-thresh", type=float, default=0.95, help="keep stabler masks")
     amg.add_argument("--out-dir", default=".", help="where to write <stem>_masks.json and <stem>_amg.png")
-    amg.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    _add_encoder_flags(amg)
     amg.set_defaults(func=_amg)
 
 
@@ -371,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict.add_argument(
         "--cache-dir", help="persist image embeddings here (repeated images skip the encoder)"
     )
-    predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    _add_encoder_flags(predict)
     predict.set_defaults(func=_predict)
     info = sub.add_parser(
         "info", help="trainable parameters of Stable-SAM on a SAM type, or of a plug-in file"

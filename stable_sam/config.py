@@ -30,6 +30,7 @@ __all__ = [
     "COUNT",
     "DECODER_TUNINGS",
     "DRP_TOKENS",
+    "ENCODER_PRECISIONS",
     "ENCODER_TUNINGS",
     "EVAL_PROMPT_KIND",
     "EVAL_PROMPT_KINDS",
@@ -83,6 +84,9 @@ REPLACE_MODES = ("keys_values", "keys")
 INITS = ("identity", "default")
 DECODER_TUNINGS = ("frozen", "prediction_head", "full")
 ENCODER_TUNINGS = ("frozen", "lora", "adapter")
+# How a frozen image encoder runs (StableSam.encoder_precision): "fp32" is segment-anything's own code;
+# "bf16" / "fp16" the fast path (SDPA attention + autocast to that dtype, embeddings back in float32).
+ENCODER_PRECISIONS = ("fp32", "bf16", "fp16")
 COARSE_MASK_VALUES = ("hqsam", "logits")
 # Resize conventions of stable_sam.data.prepare_eval_image (the evaluation's model frame).
 EVAL_RESIZE_MODES = ("stretch", "longest_side")

@@ -2,8 +2,10 @@
 
 SAM's image encoder is frozen in Stable-SAM, so its output for an image never changes. Entries are
 keyed by the image content (sha256 of the pixels, shape and dtype), the preprocessing that turned
-it into the model input ("longest_side", "stretch", ...) and the encoder's identity (SAM type +
-SAM checkpoint sha256, or a hash of the weights for random models). Entries live in memory (LRU)
+it into the model input ("longest_side", "stretch", ...) and the encoder's identity
+(``StableSam.encoder_id()``: SAM type + SAM checkpoint sha256, or a hash of the weights for random
+models, + the encoder precision of the fast path: a bf16 embedding is never served to an fp32 run,
+nor the other way round). Entries live in memory (LRU)
 and, optionally, on disk as ``<dir>/<key[:2]>/<key>.pt`` written atomically.
 
 An entry is never trusted blindly: one that does not load, or loads but does not have the form

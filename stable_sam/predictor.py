@@ -86,8 +86,7 @@ class StableSamPredictor:
     def _key(self, image: np.ndarray | torch.Tensor, preprocess: str) -> str | None:
         if not self.model.encoder_is_frozen:
             return None
-        model_id = f"{self.model.sam_type}:{self.model.encoder_fingerprint()}"
-        return image_key(image, model_id=model_id, preprocess=preprocess)
+        return image_key(image, model_id=self.model.encoder_id(), preprocess=preprocess)
 
     def _restore(
         self, key: str | None, *, input_size: tuple[int, ...], original_size: tuple[int, ...]

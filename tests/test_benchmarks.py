@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import decoder_overhead, onnx_decoder, sweep_cache
+from benchmarks import decoder_overhead, encoder_fast_path, onnx_decoder, sweep_cache
 
 
 @pytest.fixture
@@ -44,3 +44,14 @@ def test_onnx_decoder_prints_differences_and_ratios(no_pipeline_artefacts, capsy
     assert set(results) == {"small"} and results["small"]["ratio"] > 0
     assert results["small"]["onnx_low_res_masks"] < 1e-3  # a smoke test's guard, not a benchmark figure
     assert "max |onnx - pytorch|" in out and "ratio onnx/pytorch" in out
+
+
+def test_encoder_fast_path_prints_the_ratio_the_error_and_the_mask_iou(no_pipeline_artefacts, capsys):
+    base = Path(__file__).resolve().parents[1] / "base" / "release" / "sam_small.pth"
+    args = ["--shape", "tiny", "--image-size", "72", "--repeats", "1", "--images", "2", "--base", str(base)]
+    results = encoder_fast_path.main(args)  # 72 px: a 9 x 9 grid, padded windows
+    out = capsys.readouterr().out
+    assert results["ratio"] > 0 and 0 < results["relative_error"] < 0.05
+    assert 0.5 < results["iou_mean"] <= 1 and 0.5 < results["small_iou_mean"] <= 1  # guards, not figures
+    assert "ratio fast/fp32" in out and "mask IoU fast vs fp32 over 10 prompts" in out
+    assert "small trained" in out and "white noise" in out

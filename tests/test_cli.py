@@ -177,3 +177,18 @@ def test_a_plugin_without_its_sam_checkpoint_names_the_checkpoint_it_needs(files
     with pytest.raises(SystemExit, match=f"needs --sam-checkpoint.*sha256 {expected}"):
         main(["predict", str(files / "cat.jpg"), "--box", "5,4,40,30", "--sam-type", "tiny",
               "--plugin", str(files / "plugin.pt")])  # fmt: skip
+
+
+def test_predict_encoder_precision_reaches_the_model(files, capsys):
+    """fp32 then bf16 on one --cache-dir: two entries (the cache keys the precision), two masks."""
+    base = [
+        "predict", str(files / "cat.jpg"), "--box", "5,4,40,30", "--sam-type", "tiny",
+        "--sam-checkpoint", str(files / "sam_tiny.pth"), "--cache-dir", str(files / "cache"),
+    ]  # fmt: skip
+    for precision in ("fp32", "bf16", "bf16"):
+        assert main([*base, "--encoder-precision", precision, "--out-dir", str(files / precision)]) == 0
+    assert len(list((files / "cache").rglob("*.pt"))) == 2
+    assert (files / "bf16" / "cat_mask.png").is_file()
+    with pytest.raises(SystemExit) as caught:
+        main([*base, "--encoder-precision", "fp8"])
+    assert caught.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from stable_sam.config import (
     is_eval_prompt_kind,
 )
 from stable_sam.data import DatasetError, SegmentationFolder, prepare_eval_image
-from stable_sam.modeling import deformable_sampling, dynamic_routing, plugged_attention
+from stable_sam.modeling import StableSam, deformable_sampling, dynamic_routing, plugged_attention
 from stable_sam.prompts import coarse_mask, sample_prompt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +74,7 @@ BAD_OVERRIDES = {
     "tuning.encoder=lorra": "tuning.encoder = 'lorra': must be one of 'frozen', 'lora', 'adapter'",
     "tuning.lora_rank=0": "tuning.lora_rank = 0: must be an integer >= 1",
     "sam.type=vit_x": "sam.type = 'vit_x': must be one of 'vit_b', 'vit_l', 'vit_h', 'tiny', 'small'",
+    "sam.encoder_precision=fp8": "sam.encoder_precision = 'fp8': must be one of 'fp32', 'bf16', 'fp16'",
     "fetch.source=remot": "fetch.source = 'remot': must be one of 'embedded', 'remote', 'local'",
     "fetch.validate=ful": "fetch.validate = 'ful': must be one of 'full', 'header'",
     "fetch.retries=-1": "fetch.retries = -1: must be an integer >= 0",
@@ -173,10 +174,23 @@ def test_a_bad_value_in_the_file_names_the_file(tmp_path):
         "ray.max_failures=-1",
         "eval.threads=null",
         "plugin.placements=[block1,block2,final]",
+        "sam.encoder_precision=fp16",
+        # the lora and adapter variants pin fp32: turning the fast path on keeps every variant valid
+        "sam.encoder_precision=bf16",
     ],
 )
 def test_allowed_values_load(override):
     load_params(PARAMS, [override])
+
+
+def test_the_encoder_fast_path_is_refused_with_a_tuned_encoder():
+    with pytest.raises(ParamsError) as caught:
+        load_params(PARAMS, ["sam.encoder_precision=bf16", "tuning.encoder=lora"])
+    assert str(caught.value) == (
+        "--set tuning.encoder=lora: sam.encoder_precision = 'bf16', tuning.encoder = 'lora': need "
+        "sam.encoder_precision fp32 when tuning.encoder is not frozen (the fast path is for a frozen "
+        "encoder; LoRA/adapters train through it)"
+    )
 
 
 def test_params_yaml_every_overlay_and_the_core_defaults_are_valid():
@@ -203,7 +217,7 @@ def test_the_core_rejects_bad_values_for_library_users():
 CORE_CHOICES = (
     "PLUGIN_VARIANTS", "PLACEMENTS", "ROUTINGS", "ROUTING_NORMS", "DRP_TOKENS", "AMPLITUDES",
     "PADDING_MODES", "REPLACE_MODES", "INITS", "DECODER_TUNINGS", "ENCODER_TUNINGS",
-    "COARSE_MASK_VALUES", "EVAL_RESIZE_MODES",
+    "COARSE_MASK_VALUES", "EVAL_RESIZE_MODES", "ENCODER_PRECISIONS",
 )  # fmt: skip
 PIPELINE_CHOICES = ("FETCH_SOURCES", "FETCH_VALIDATIONS")
 DECLARED = {
@@ -249,6 +263,10 @@ def test_the_consumers_accept_every_declared_choice():
         prepare_eval_image(image, mask, mode=mode, target_length=64)
     for values in config.COARSE_MASK_VALUES:
         coarse_mask(mask, generator=np.random.default_rng(0), size=(32, 32), values=values)
+    for precision in config.ENCODER_PRECISIONS:
+        StableSam(
+            sam=sam, sam_type="tiny", plugin_config=PluginConfig(variant="none"), encoder_precision=precision
+        )
     for validate in pipeline_params.FETCH_VALIDATIONS:  # accepted: it goes on to find no pairs
         with pytest.raises(DatasetError, match="no valid image/mask pair"):
             SegmentationFolder([], name="empty", validate=validate)

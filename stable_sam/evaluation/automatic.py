@@ -6,7 +6,8 @@ SAM is weakest). It takes a ``Sam`` and calls ``sam.mask_decoder(...)`` directly
 output token from the attention query itself (:class:`stable_sam.modeling.OutputTokenReader`),
 not from anything :meth:`StableSam.decode` sets up, so ``SamAutomaticMaskGenerator(model.sam)``
 runs Stable-SAM as it is, and ``with model.plugins_disabled():`` runs SAM. Nothing is forked: the
-only addition is :class:`CachedSamPredictor`, a ``SamPredictor`` whose ``set_image`` reads an
+only addition is :class:`CachedSamPredictor`, a ``SamPredictor`` whose encoder is
+:meth:`StableSam.embed_images` (so the encoder fast path applies) and whose ``set_image`` reads an
 :class:`EmbeddingCache`, so SAM and Stable-SAM share one encoder pass per image (crop).
 
 Evaluation: :func:`amg_coco_eval` scores the generated masks against COCO instances with
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
@@ -49,31 +51,36 @@ AMG_SCORES = ("predicted_iou", "stability_score")
 
 
 class CachedSamPredictor(SamPredictor):
-    """segment-anything's ``SamPredictor`` whose ``set_image`` goes through an embedding cache.
+    """segment-anything's ``SamPredictor`` whose encoder is :meth:`StableSam.embed_images`, with a cache.
 
-    The key is :class:`stable_sam.predictor.StableSamPredictor`'s (the image as given, SAM's
-    "longest_side" preprocessing, SAM type + encoder fingerprint), so both predictors share a
-    cache. Everything else is ``SamPredictor``'s own code.
+    The encoder runs through the model's single entry, so the encoder fast path
+    (``model.encoder_precision``) applies here as everywhere. With a ``cache``, ``set_image``
+    looks the embedding up first; the key is :class:`stable_sam.predictor.StableSamPredictor`'s
+    (the image as given, SAM's "longest_side" preprocessing, :meth:`StableSam.encoder_id`), so
+    both predictors share a cache. Everything else is ``SamPredictor``'s own code.
 
     Arguments:
       model: the Stable-SAM whose ``sam`` this predictor runs (its encoder must be frozen).
-      cache: where embeddings are looked up and stored.
+      cache: where embeddings are looked up and stored (None: none, every image is embedded).
     """
 
-    def __init__(self, model: StableSam, cache: EmbeddingCache) -> None:
+    def __init__(self, model: StableSam, cache: EmbeddingCache | None = None) -> None:
         if not model.encoder_is_frozen:
             raise ValueError(
                 f"the encoder is tuned ({model.tuning.encoder}): its embeddings are not cacheable"
             )
         super().__init__(model.sam)
+        self.stable_sam = model
         self.cache = cache
-        self.model_id = f"{model.sam_type}:{model.encoder_fingerprint()}"
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """image: H x W x 3 uint8; its 1 x C x h x w embedding comes from the cache when there."""
+        if self.cache is None:
+            super().set_image(image, image_format=image_format)
+            return
         if image_format != self.model.image_format:
             image = image[..., ::-1]
-        key = image_key(image, model_id=self.model_id, preprocess="longest_side")
+        key = image_key(image, model_id=self.stable_sam.encoder_id(), preprocess="longest_side")
         encoder = self.model.image_encoder
         prompt_encoder = self.model.prompt_encoder
         spec = EmbeddingSpec(
@@ -92,6 +99,15 @@ class CachedSamPredictor(SamPredictor):
         self.original_size = tuple(entry.original_size)
         self.is_image_set = True
 
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+        """``SamPredictor.set_torch_image`` with the encoder run by :meth:`StableSam.embed_images`."""
+        self.reset_image()
+        self.original_size = original_image_size
+        self.input_size = tuple(transformed_image.shape[-2:])
+        self.features = self.stable_sam.embed_images(transformed_image.float())
+        self.is_image_set = True
+
 
 def mask_generator(
     model: StableSam, *, cache: EmbeddingCache | None = None, **options: Any
@@ -105,7 +121,7 @@ def mask_generator(
         pred_iou_thresh, stability_score_thresh, box_nms_thresh, crop_n_layers, output_mode, ...).
     """
     generator = SamAutomaticMaskGenerator(model.sam, **options)
-    if cache is not None and model.encoder_is_frozen:
+    if model.encoder_is_frozen:
         generator.predictor = CachedSamPredictor(model, cache)
     return generator
 

@@ -100,7 +100,7 @@ def embed_images(
     use_cache = cache is not None and model.encoder_is_frozen
     if cache is not None and not use_cache:
         logger.info("encoder is tuned (%s): embedding cache bypassed", model.tuning.encoder)
-    model_id = f"{model.sam_type}:{model.encoder_fingerprint()}" if use_cache else ""
+    model_id = model.encoder_id() if use_cache else ""
     keys = [
         image_key(im.input_image, model_id=model_id, preprocess=im.resize) if use_cache else None
         for im in images

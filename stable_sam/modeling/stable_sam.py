@@ -13,13 +13,17 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor, nn
 
-from ..config import PluginConfig, TuningConfig, check_config
+from ..config import ENCODER_PRECISIONS, PluginConfig, TuningConfig, check_config
 from .deformable_sampling import DeformableSamplingPlugin, SpatialAttentionPlugin
 from .dynamic_routing import DynamicRoutingPlugin, FixedRouting
 from .encoder_tuning import attach_adapters, attach_lora
+from .fast_attention import attach_fast_attention, detach_fast_attention
 from .plugged_attention import OutputTokenReader, PluggedTokenToImageAttention
 
 __all__ = ["DecoderOutput", "PromptTensors", "StableSam", "group_by_structure", "plugin_sites"]
+
+# The autocast dtype of each fast-path encoder precision ("fp32": no autocast, segment-anything's code).
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def plugin_sites(sam: Sam) -> dict[str, tuple[nn.Module, str]]:
@@ -145,6 +149,8 @@ class StableSam(nn.Module):
       tuning: what else is trainable (baselines); default: nothing.
       sam_checkpoint_sha256: sha256 of the SAM checkpoint file the weights came from (None for
         random weights); it identifies the model in plug-in checkpoints and embedding caches.
+      encoder_precision: how the frozen image encoder runs (see :meth:`set_encoder_precision`):
+        "fp32" (default) is segment-anything's own code; "bf16" / "fp16" the fast path.
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class StableSam(nn.Module):
         plugin_config: PluginConfig,
         tuning: TuningConfig | None = None,
         sam_checkpoint_sha256: str | None = None,
+        encoder_precision: str = "fp32",
     ) -> None:
         super().__init__()
         tuning = tuning or TuningConfig()
@@ -165,6 +172,7 @@ class StableSam(nn.Module):
         self.tuning = tuning
         self.sam_checkpoint_sha256 = sam_checkpoint_sha256
         self._encoder_fingerprint: str | None = None
+        self._encoder_precision = "fp32"
 
         # Freeze first: whatever is created afterwards is trainable by construction.
         self.sam.requires_grad_(False)
@@ -173,6 +181,10 @@ class StableSam(nn.Module):
             for name in plugin_config.placements:
                 self.sites[name] = self._attach(name)
         self._apply_tuning()
+        self.set_encoder_precision(encoder_precision)
+
+    def extra_repr(self) -> str:
+        return f"sam_type={self.sam_type!r}, encoder_precision={self.encoder_precision!r}"
 
     # ----------------------------------------------------------------------------------- set-up
     def _attach(self, site: str) -> PluggedTokenToImageAttention:
@@ -234,6 +246,35 @@ class StableSam(nn.Module):
         elif self.tuning.encoder == "adapter":
             attach_adapters(self.sam.image_encoder, bottleneck=self.tuning.adapter_dim)
 
+    def set_encoder_precision(self, precision: str) -> None:
+        """Switch how the frozen image encoder runs; reversible, on this instance only.
+
+        "fp32": segment-anything's own ``Attention`` in every ViT block, no autocast (the
+        reference, and the default). "bf16" / "fp16": the fast path, :class:`FastAttention`
+        (the same computation through ``scaled_dot_product_attention``, sharing the weights)
+        swapped into every block of THIS encoder, and :meth:`embed_images` under autocast to that
+        dtype, its output cast back to float32 so the decoder, the plug-ins and the embedding
+        cache see what they always see. bf16 suits CPUs with AMX/avx512_bf16 and Ampere+ GPUs;
+        fp16 older GPUs. The embeddings differ from fp32 ones (about 1 % relative error), so
+        :meth:`encoder_id`, which keys the embedding cache, includes the precision.
+
+        The fast path is for a frozen encoder only: LoRA/adapters train through the encoder.
+        """
+        if precision not in ENCODER_PRECISIONS:
+            raise ValueError(
+                f"encoder_precision must be one of {list(ENCODER_PRECISIONS)}, got {precision!r}"
+            )
+        if precision != "fp32" and not self.encoder_is_frozen:
+            raise ValueError(
+                f"encoder_precision={precision!r} is the fast path of a frozen encoder, but tuning.encoder="
+                f"{self.tuning.encoder!r} trains through it: use encoder_precision='fp32'"
+            )
+        if precision == "fp32":
+            detach_fast_attention(self.sam.image_encoder)
+        else:
+            attach_fast_attention(self.sam.image_encoder)
+        self._encoder_precision = precision
+
     def detach_plugins(self) -> Sam:
         """Put SAM's original attentions back and return the plain ``Sam`` (reversibility)."""
         for name, plugged in self.sites.items():
@@ -246,6 +287,11 @@ class StableSam(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.sam.device
+
+    @property
+    def encoder_precision(self) -> str:
+        """The encoder precision: "fp32" (segment-anything's code) or the fast path's "bf16" / "fp16"."""
+        return self._encoder_precision
 
     @property
     def encoder_is_frozen(self) -> bool:
@@ -304,6 +350,16 @@ class StableSam(nn.Module):
             self._encoder_fingerprint = "weights-" + digest.hexdigest()
         return self._encoder_fingerprint
 
+    def encoder_id(self) -> str:
+        """What embedding caches key this encoder's output by: SAM type, weights, precision.
+
+        fp32 keeps the form it always had (``<sam type>:<fingerprint>``), so existing caches stay
+        valid; the fast path appends its precision, so an fp32 embedding is never served to a
+        fast-path run or the other way round.
+        """
+        identity = f"{self.sam_type}:{self.encoder_fingerprint()}"
+        return identity if self.encoder_precision == "fp32" else f"{identity}:{self.encoder_precision}-sdpa"
+
     # ------------------------------------------------------------------------- runtime switches
     @contextlib.contextmanager
     def plugins_disabled(self) -> Iterator[None]:
@@ -342,14 +398,19 @@ class StableSam(nn.Module):
     def embed_images(self, images: Tensor) -> Tensor:
         """images: B x 3 x h x w float RGB in [0, 255], resized so the long side is img_size.
 
-        Returns B x C x H x W image embeddings (without grad unless the encoder is tuned).
+        Returns B x C x H x W float32 image embeddings (without grad unless the encoder is
+        tuned), computed in :attr:`encoder_precision`.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be B x 3 x H x W, got {tuple(images.shape)}")
         if max(images.shape[-2:]) != self.img_size:
             raise ValueError(f"images must have long side {self.img_size}, got {tuple(images.shape[-2:])}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_is_frozen):
-            return self.sam.image_encoder(self.sam.preprocess(images))
+            if self.encoder_precision == "fp32":
+                return self.sam.image_encoder(self.sam.preprocess(images))
+            with torch.autocast(images.device.type, dtype=_AUTOCAST_DTYPES[self.encoder_precision]):
+                embeddings = self.sam.image_encoder(self.sam.preprocess(images))
+            return embeddings.float()
 
     def decode(
         self, image_embedding: Tensor, prompts: PromptTensors, *, multimask_output: bool
