@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _tiny_project import free_port, http_ok, start_logged, stop_process_tree, wait_for
+from _tiny_project import free_port, http_ok, ray_head_port_flags, start_logged, stop_process_tree, wait_for
 
 from pipeline.sources import generate_split
 from stable_sam.data.registry import HQSEG44K_TRAIN, HQSEG_EVAL
@@ -169,7 +169,7 @@ class Services:
         self.procs.append(
             start_logged(
                 [
-                    self._bin("ray"), "start", "--head", f"--port={free_port()}",
+                    self._bin("ray"), "start", "--head", *ray_head_port_flags(),
                     "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--disable-usage-stats",
                     f"--temp-dir={self.ray_tmp}", "--block",

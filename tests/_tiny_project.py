@@ -312,3 +312,14 @@ def copy_checkout(dest: Path) -> None:
             target = dest / raw.decode()
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+
+
+def ray_head_port_flags() -> list[str]:
+    """``ray start --head`` flags that give every fixed-default port a free one: a session Ray of
+    the test run (``ray.init``, the ``local_ray`` fixture) already holds the dashboard agent's
+    default 52365, and a second head would start without its job agent ("No available agent")."""
+    return [
+        f"--port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+    ]

@@ -40,6 +40,7 @@ from _tiny_project import (
     local_ray_session,
     pids_with_cmdline,
     random_tiny_sam_checkpoint,
+    ray_head_port_flags,
     start_logged,
     state_tensors_equal,
     stop_process_tree,
@@ -137,7 +138,7 @@ def _dense_loss(model, params, folder: Path) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# ray job submit (first: no other Ray of this session is running yet, the head starts faster)
+# ray job submit (a head of its own, on free ports: a session Ray may be running)
 
 
 def test_ray_job_submit_trains_on_a_local_head(inputs, tmp_path):
@@ -151,7 +152,7 @@ def test_ray_job_submit_trains_on_a_local_head(inputs, tmp_path):
             ray,
             "start",
             "--head",
-            f"--port={free_port()}",
+            *ray_head_port_flags(),
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
             "--num-cpus=2",
