@@ -163,7 +163,7 @@ def check_every_node(
 def storage_location(storage_path: str | None) -> Path | str:
     """Ray's run storage: a URI (``s3://``, ``gs://``, ...) is passed to Ray untouched (pyarrow's
     filesystems resolve it); a local path is created. None: ``.ray_results`` in the checkout."""
-    if storage_path and "://" in storage_path:
+    if storage_path and _is_uri(storage_path):
         return storage_path
     storage = Path(storage_path).expanduser() if storage_path else repo_root() / ".ray_results"
     storage.mkdir(parents=True, exist_ok=True)

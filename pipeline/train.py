@@ -99,7 +99,7 @@ def worker_model(params: Params, weights: SamWeights | str | Path, sam_type: str
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function (also callable without Ray for world size 1)."""
+    """The Ray Train worker function (it gets the weights and the pair list from Ray's object store)."""
     import ray
     import ray.train
     import ray.train.torch
@@ -231,12 +231,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
 
-def _training_set(paths: TrainPaths) -> SegmentationFolder:
-    """The training set as the synthesize stage wrote it (occluded or, with train.use_occlusion
-    false, unchanged): opened once, on the driver; the workers get its pair list."""
-    return open_dataset(str(paths.occluded.resolve()), split="train")
-
-
 def _folder_digest(path: Path) -> str:
     """A cheap content identity for the run fingerprint: the dataset's own manifest, else file stats."""
     manifest = path / "manifest.json"
@@ -254,7 +248,10 @@ def run(
     crash through it; it could as well profile.
     """
     source = read_sam_source(paths.base)
-    training_set, data_dir = _training_set(paths), paths.occluded
+    # The training set as the synthesize stage wrote it (occluded, or unchanged with
+    # train.use_occlusion false), opened once, here: the workers get its pair list.
+    data_dir = paths.occluded
+    training_set = open_dataset(str(data_dir.resolve()), split="train")
     cfg, scaling = params.train, params.ray
     if cfg.batch_size % scaling.num_workers:
         raise ValueError(
