@@ -66,8 +66,8 @@ def evaluate_base(model: StableSam, val: Path, params: Params) -> dict[str, dict
     out = {"all": summarize(records)["sam"]}
     for name in CATEGORIES:
         selected = [r for r in records if family[r["image"]] == name]
-        if selected:
-            out[name] = summarize(selected)["sam"]
+        # A family with no target in the split is listed with 0 images (not silently missing).
+        out[name] = summarize(selected)["sam"] if selected else {}
     return out
 
 
@@ -79,6 +79,9 @@ def _write_table(path: Path, results: dict[str, dict[str, dict[str, float]]]) ->
         writer = csv.writer(f)
         writer.writerow(["family", "images", *kinds])
         for group, by_kind in results.items():
+            if not by_kind:
+                writer.writerow([group, 0, *("–" for _ in kinds)])
+                continue
             writer.writerow([group, by_kind[kinds[0]]["n"], *(f"{by_kind[k]['miou']:.1f}" for k in kinds)])
     tmp.replace(path)
 

@@ -36,9 +36,26 @@ def _git_commit(rev: str = "HEAD") -> str:
     return result.stdout.strip() or "unknown"
 
 
+def training_seconds(plot: Path, batch_size: int) -> float:
+    """Training time summed over every invocation of a resumed run, from the loss history
+    (``plots/pretrain.csv``: per logged step, the throughput of the interval ending there)."""
+    seconds, previous = 0.0, 0
+    with plot.open() as f:
+        for row in csv.DictReader(f):
+            step, rate = int(row["step"]), float(row["images_per_s"])
+            seconds += (step - previous) * batch_size / rate if rate > 0 else 0.0
+            previous = step
+    return seconds
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h ({seconds:.0f} s)"
+
+
 def _card(
-    sam_type: str, file: Path, sha: str, train: dict, evaluation: dict, table: Path, params, commit: str
-) -> str:
+    sam_type: str, file: Path, sha: str, train: dict, evaluation: dict, table: Path, params, commit: str,
+    training_seconds: float,
+) -> str:  # fmt: skip
     spec = SMALL_SAM_SPECS[sam_type]
     base = params.base
     rows = list(csv.reader(table.open()))
@@ -63,8 +80,9 @@ def _card(
         "(shares no scene with the embedded train/val splits) |",
         f"| steps | {train['steps']} x batch {base.batch_size} images (all instances of each image), "
         f"AdamW lr {base.lr}, warm-up {base.warmup_steps} + cosine |",
-        f"| wall time | {train['train_seconds']:.0f} s in the last invocation, {train['images_per_s']} img/s "
-        f"(2 shared CPU cores; resumed from step {train['resumed_from_step']}) |",
+        f"| wall time | {_hours(training_seconds)} of training over all invocations (summed from the "
+        f"logged throughput), {train['train_seconds']:.0f} s in the last one (resumed from step "
+        f"{train['resumed_from_step']}, {train['images_per_s']} img/s); 2 shared CPU cores, 1 thread |",
         "| recipe | SAM's: precise prompts only: GT boxes with jitter std "
         f"{base.box_jitter} x side, {base.point_counts} clicks (one click through the 3 multimask "
         f"outputs, best one supervised), {base.correction_clicks} correction click(s) with the previous "
@@ -91,7 +109,7 @@ def _card(
 
 def release(
     model: Path, train_metrics: Path, eval_metrics: Path, table: Path, out: Path, params_file: Path,
-    code_commit: str = "HEAD",
+    code_commit: str = "HEAD", plot: Path = Path("plots/pretrain.csv"),
 ):  # fmt: skip
     params = load_params(params_file)
     sam_type = params.sam.type
@@ -102,7 +120,7 @@ def release(
     _, sha = build_sam(sam_type, target)  # the strict loader accepts it (and hashes the file)
     card = _card(
         sam_type, target, sha, json.loads(train_metrics.read_text()), json.loads(eval_metrics.read_text()),
-        table, params, _git_commit(code_commit),
+        table, params, _git_commit(code_commit), training_seconds(plot, params.base.batch_size),
     )  # fmt: skip
     (out / CARD).write_text(card)
     return target, sha
@@ -115,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pretrain-metrics", type=Path, default=Path("metrics/pretrain.json"))
     parser.add_argument("--eval-metrics", type=Path, default=Path("metrics/base_eval.json"))
     parser.add_argument("--table", type=Path, default=Path("reports/base_eval.csv"))
+    parser.add_argument("--plot", type=Path, default=Path("plots/pretrain.csv"), help="the loss history")
     parser.add_argument("--out", type=Path, default=Path("base/release"))
     parser.add_argument(
         "--code-commit", default="HEAD", help="the commit the pretraining ran at (default: the checkout's)"
@@ -128,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.out,
         args.params,
         args.code_commit,
+        args.plot,
     )
     print(f"released {target} ({target.stat().st_size / 1e6:.2f} MB)")
     print(f"pin it in {args.params}:\n  sam:\n    checkpoint: {target}\n    sha256: {sha}")

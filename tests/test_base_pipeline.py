@@ -15,7 +15,7 @@ from pipeline.base import BaseCheckpointError, BasePaths, resolve_base
 from pipeline.base import run as run_base
 from pipeline.base_data import run as run_base_data
 from pipeline.params import load_params
-from pipeline.release_base import release
+from pipeline.release_base import release, training_seconds
 from pipeline.sam_source import read_sam_source
 from pipeline.sources import CATEGORIES, target_families
 from stable_sam.build import build_sam
@@ -177,7 +177,10 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     }
     (tmp_path / "train.json").write_text(json.dumps(train))
     (tmp_path / "eval.json").write_text(json.dumps({"gt_box": {"miou": 1.0, "mbiou": 2.0}}))
-    (tmp_path / "table.csv").write_text("family,images,gt_box\nall,4,1.0\nblob,4,1.0\n")
+    (tmp_path / "table.csv").write_text("family,images,gt_box\nall,4,1.0\nblob,4,1.0\ncurve,0,–\n")
+    # The history of a run resumed once: 2 steps at 4 img/s, 2 at 1 img/s (batch 8): 4 + 16 s.
+    plot = tmp_path / "pretrain.csv"
+    plot.write_text("step,total,images_per_s\n1,1.0,4.0\n2,1.0,4.0\n4,1.0,1.0\n")
     params = tmp_path / "params.yaml"  # the committed one, for the tiny SAM
     params.write_text(_params_file().read_text().replace("  type: small ", "  type: tiny ", 1))
     target, sha = release(
@@ -187,7 +190,9 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
         tmp_path / "table.csv",
         tmp_path / "out",
         params,
+        plot=plot,
     )
+    assert training_seconds(plot, batch_size=8) == pytest.approx(20.0)
     half = torch.load(target, weights_only=True)
     full = torch.load(checkpoint, weights_only=True)
     assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
@@ -197,4 +202,19 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     key = "mask_decoder.iou_token.weight"
     assert np.allclose(sam.state_dict()[key].numpy(), full[key].numpy(), atol=1e-3)
     card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
-    assert sha in card and "| blob | 4 | 1.0 |" in card
+    assert sha in card and "| blob | 4 | 1.0 |" in card and "| curve | 0 | – |" in card
+    batch = load_params(str(params)).base.batch_size
+    assert f"{training_seconds(plot, batch):.0f} s) of training over all invocations" in card
+
+
+def test_a_family_without_a_target_in_the_split_is_listed_with_zero_images(tmp_path):
+    from pipeline.base_eval import _write_table
+
+    row = {"miou": 71.04, "mbiou": 60.0, "n": 3}
+    _write_table(tmp_path / "t.csv", {"all": {"gt_box": row}, "blob": {"gt_box": row}, "curve": {}})
+    assert (tmp_path / "t.csv").read_text().splitlines() == [
+        "family,images,gt_box",
+        "all,3,71.0",
+        "blob,3,71.0",
+        "curve,0,–",
+    ]
