@@ -4,6 +4,7 @@ of the default pipeline that verifies the pinned checkpoint. Tiny SAMs, tiny gen
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -59,6 +60,16 @@ def test_pretraining_split_is_its_own_and_val_matches_the_embedded_one(base_data
     assert sorted(p.name for p in (out / "pretrain" / "im").iterdir())[0] == "pretrain_00000.jpg"
     families = target_families(out / "val")
     assert len(families) == 4 and set(families.values()) <= set(CATEGORIES)
+
+
+def test_the_base_data_is_the_same_bytes_every_time(tmp_path):
+    out = tmp_path / "base"
+    params = load_params(str(_params_file()), TINY)
+    run_base_data(params, out)
+    first = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    shutil.rmtree(out)
+    run_base_data(params, out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == first  # no timings inside
 
 
 def test_a_single_click_is_supervised_through_the_multimask_outputs(base_data):
