@@ -97,11 +97,8 @@ def _fetch_embedded(params: Params, out: Path, record: dict[str, Any]) -> dict[s
             raise FetchError(
                 f"the generated embedded {split} split in {root / split} is unusable: {err}"
             ) from err
-        # No wall-clock values in the manifest: data/raw must be byte-identical across reruns so
-        # that DVC skips every downstream stage when nothing really changed.
-        described = {k: v for k, v in summary.to_dict().items() if k != "seconds"}
         splits[split] = {
-            **described,
+            **summary.to_dict(),  # no wall-clock values: data/raw stays byte-identical across reruns
             **_set_counts(folder),
             "out_dir": portable_path(root / split, out),
         }

@@ -56,6 +56,8 @@ class SplitSummary:
     relation_counts: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """What was generated, without the wall-clock ``seconds``: it goes into DVC outputs, which
+        must be byte-identical across reruns so that DVC skips what did not really change."""
         return {
             "split": self.split,
             "out_dir": str(self.out_dir),
@@ -63,7 +65,6 @@ class SplitSummary:
             "num_instances": self.num_instances,
             "image_size": self.image_size,
             "seed": self.seed,
-            "seconds": round(self.seconds, 3),
             "bytes": self.bytes,
             "category_counts": dict(self.category_counts),
             "relation_counts": dict(self.relation_counts),
