@@ -56,6 +56,7 @@ from stable_sam.config import (
 from stable_sam.data import DATASETS
 
 from .params_annotator import AutomaticConfig, InteractiveConfig
+from .params_base import BaseTrainConfig, TightenConfig
 from .params_eval import EVAL_DEVICES, EVAL_RESIZE, EVAL_RESIZE_AUTO, EvalConfig
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "RayConfig",
     "SamConfig",
     "SynthesizeConfig",
+    "TightenConfig",
     "TrackingConfig",
     "TrainConfig",
     "Variant",
@@ -176,31 +178,6 @@ class SynthesizeConfig:
 
 
 @dataclass
-class BaseTrainConfig:
-    """Pretraining the released small base SAM (base/dvc.yaml; precise prompts only, like SAM)."""
-
-    steps: int = option(COUNT)
-    batch_size: int = option(COUNT)
-    lr: float = option(POSITIVE)
-    weight_decay: float = option(NON_NEGATIVE)
-    warmup_steps: int = option(integer(0))
-    num_images: int = option(COUNT)  # its own generated split, disjoint from embedded train/val
-    point_counts: list[int] = field(metadata=allows(POINT_COUNTS))
-    box_probability: float = option(PROBABILITY)
-    box_jitter: float = option(NON_NEGATIVE)  # std of SAM's jittered GT box, x the box side
-    correction_clicks: int = option(integer(0))
-    iou_loss_weight: float = option(NON_NEGATIVE)
-    lsj_min_scale: float = option(POSITIVE)
-    lsj_max_scale: float = option(POSITIVE)
-    checkpoint_every: int = option(COUNT)
-    log_every: int = option(COUNT)
-    threads: int = option(COUNT)
-    seed: int = option(SEED)
-
-    rules: ClassVar[tuple[Rule, ...]] = (ordered("lsj_min_scale", "lsj_max_scale"),)
-
-
-@dataclass
 class TrainConfig:
     """Stable-SAM fine-tuning (robust training strategy)."""
 
@@ -271,6 +248,7 @@ class Params:
     occlusion: OcclusionConfig
     synthesize: SynthesizeConfig
     base: BaseTrainConfig
+    tighten: TightenConfig
     train: TrainConfig
     ray: RayConfig
     eval: EvalConfig

@@ -9,13 +9,20 @@ released with ``make release-base`` (fp16 copy + model card in ``base/release/``
 params.yaml's ``sam.sha256``); the default ``dvc repro`` verifies and uses that file.
 Interrupted runs resume from ``.stage_state`` (model, optimiser, scheduler, step).
 
+With ``--init``, the same module is stage ``tighten``, the base's second phase: it starts from the
+pretrained weights and trains on with SAM's tight boxes (``tighten`` params: steps, rate, box
+jitter, seed; every other choice is the ``base`` section's), so that the decoder follows the box.
+
     python -m pipeline.train_base --data data/base/pretrain --out models/pretrained \\
         --metrics metrics/pretrain.json --plot plots/pretrain.csv
+    python -m pipeline.train_base --init models/pretrained --data data/base/pretrain \\
+        --out models/tightened --metrics metrics/tighten.json --plot plots/tighten.csv
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -57,6 +64,7 @@ class TrainBasePaths:
     out: Path  # models/pretrained: sam_<type>.pth
     metrics: Path
     plot: Path
+    init: Path | None = None  # tighten: the folder of the pretrained sam_<type>.pth to start from
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, floor: float = 0.02):
@@ -79,6 +87,16 @@ def run(params: Params, paths: TrainBasePaths, *, tracker: Any = None) -> dict[s
     return _train(params, paths, tracker=tracker)
 
 
+def phase_config(params: Params, *, tighten: bool) -> BaseTrainConfig:
+    """The ``base`` section, or for the tighten phase the ``base`` section with ``tighten``'s keys."""
+    if not tighten:
+        return params.base
+    t = params.tighten
+    return dataclasses.replace(
+        params.base, steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps, box_jitter=t.box_jitter, seed=t.seed
+    )
+
+
 def _dataset(cfg: BaseTrainConfig, sam_type: str, data: Path) -> AugmentedPromptDataset:
     return AugmentedPromptDataset(
         open_dataset(str(data), split="train"),
@@ -95,25 +113,28 @@ def _dataset(cfg: BaseTrainConfig, sam_type: str, data: Path) -> AugmentedPrompt
 
 
 def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, Any]:
-    cfg = params.base
+    cfg = phase_config(params, tighten=paths.init is not None)
     torch.set_num_threads(cfg.threads)
     paths.out.mkdir(parents=True, exist_ok=True)
     dataset = _dataset(cfg, params.sam.type, paths.data)
     manifest = paths.data / "instances.json"
+    init = None if paths.init is None else paths.init / f"sam_{params.sam.type}.pth"
+    phase = "train_base" if init is None else "tighten"
     fingerprint = run_fingerprint(
-        "train_base",
+        phase,
         params.sam.type,
         {k: v for k, v in config_to_dict(cfg).items() if k not in ("log_every", "threads")},
         file_sha256(manifest),
+        *(() if init is None else (file_sha256(init),)),
         code=(*TRAINING_CODE, "pipeline/train_base.py"),
     )
-    resume_dir = state_dir("train_base", fingerprint)
+    resume_dir = state_dir(phase, fingerprint)
     resume_file = resume_dir / "state.pt"
 
     def build() -> tuple[StableSam, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         # Module initialisers draw from the global RNG: seed it from params for reproducibility.
         torch.manual_seed(cfg.seed)
-        sam, _ = build_sam(params.sam.type)
+        sam, _ = build_sam(params.sam.type, init)  # init None: random weights (pretraining)
         model = StableSam(sam=sam, sam_type=params.sam.type, plugin_config=PluginConfig(variant="none"))
         # The base model IS SAM being trained: every SAM weight is trainable here.
         model.sam.requires_grad_(True)
@@ -133,7 +154,7 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
     start_step, history = 0, []
     if state is not None:
         start_step, history = int(state["step"]), list(state["history"])
-        logger.info("resuming train_base from step %d (%s)", start_step, resume_file)
+        logger.info("resuming %s from step %d (%s)", phase, start_step, resume_file)
 
     sampler = ShardedBatchSampler(
         dataset_size=len(dataset),
@@ -163,7 +184,7 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
         checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every,
         images_per_step=cfg.batch_size,
-        progress="train_base",
+        progress=phase,
     )
     train_loop(
         loader,
@@ -193,6 +214,8 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
         "images_per_s": round(images_seen / elapsed, 2) if images_seen else None,
         "resumed_from_step": start_step,
     }
+    if init is not None:
+        metrics["init_sha256"] = file_sha256(init)
     _write_outputs(paths, metrics, history)
     if tracker is not None:
         tracker.log_metrics_series(history, step_key="step")
@@ -221,13 +244,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, required=True, help="folder of the pretrained checkpoint")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plot", type=Path, required=True)
+    parser.add_argument(
+        "--init", type=Path, default=None, help="stage tighten: the folder of the pretrained checkpoint"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)
-    paths = TrainBasePaths(data=args.data, out=args.out, metrics=args.metrics, plot=args.plot)
+    paths = TrainBasePaths(data=args.data, out=args.out, metrics=args.metrics, plot=args.plot, init=args.init)
     from .tracking import stage_run
 
-    with stage_run("pretrain_base", params, params_path=Path(args.params)) as tracker:
+    run_name = "pretrain_base" if args.init is None else "tighten_base"
+    with stage_run(run_name, params, params_path=Path(args.params)) as tracker:
         metrics = run(params, paths, tracker=tracker)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.log_artifact(paths.metrics, artifact_path="metrics")
