@@ -1,12 +1,13 @@
 """Release the pretrained base SAM: ``make release-base`` (by hand, like publishing a checkpoint).
 
-Copies ``models/pretrained/sam_<type>.pth`` (base/dvc.yaml's output) into ``base/release/`` in
-fp16 (half the size; the strict loader casts it back to fp32), writes the model card next to it
-from the pipeline's own metrics, and prints the sha256 to pin in params.yaml (``sam.sha256``).
-This is not a DVC stage: its outputs are committed to git, outside the folders DVC owns.
+Copies ``models/tightened/sam_<type>.pth`` (base/dvc.yaml's last training phase) into
+``base/release/`` in fp16 (half the size; the strict loader casts it back to fp32), writes the
+model card next to it from the pipeline's own metrics (both phases: pretrain, then tighten), and
+prints the sha256 to pin in params.yaml (``sam.sha256``). This is not a DVC stage: its outputs are
+committed to git, outside the folders DVC owns.
 
-    python -m pipeline.release_base --model models/pretrained --pretrain-metrics metrics/pretrain.json \\
-        --eval-metrics metrics/base_eval.json --table reports/base_eval.csv --out base/release
+    python -m pipeline.release_base --model models/tightened --eval-metrics metrics/base_eval.json \\
+        --table reports/base_eval.csv --out base/release
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import csv
 import json
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,10 +27,19 @@ from stable_sam.checkpoint import atomic_torch_save
 
 from .params import load_params
 
-__all__ = ["main", "release"]
+__all__ = ["Phase", "main", "release"]
 
 CARD = "MODEL_CARD.md"
 KINDS = ("gt_box", "point_10", "noisy_box", "point_1", "point_3", "oracle_point")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of the base: its metrics, its loss history, the commit it ran at."""
+
+    metrics: Path  # metrics/pretrain.json | metrics/tighten.json
+    plot: Path  # plots/pretrain.csv | plots/tighten.csv (per logged step: images_per_s)
+    commit: str = "HEAD"
 
 
 def _git_commit(rev: str = "HEAD") -> str:
@@ -52,12 +63,22 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h ({seconds:.0f} s)"
 
 
+def _wall_time(train: dict, seconds: float) -> str:
+    return (
+        f"{_hours(seconds)} of training over all invocations (summed from the logged throughput), "
+        f"{train['train_seconds']:.0f} s in the last one (resumed from step {train['resumed_from_step']}, "
+        f"{train['images_per_s']} img/s)"
+    )
+
+
 def _card(
-    sam_type: str, file: Path, sha: str, train: dict, evaluation: dict, table: Path, params, commit: str,
-    training_seconds: float,
+    sam_type: str, file: Path, sha: str, phases: dict[str, tuple[dict, float, str]], evaluation: dict,
+    table: Path, params,
 ) -> str:  # fmt: skip
+    """``phases``: {"pretrain" | "tighten": (its metrics, its training seconds, its commit)}."""
     spec = SMALL_SAM_SPECS[sam_type]
-    base = params.base
+    base, tighten = params.base, params.tighten
+    (train, pretrain_s, pretrain_commit), (tight, tighten_s, tighten_commit) = phases.values()
     rows = list(csv.reader(table.open()))
     header, *body = rows
     lines = [
@@ -78,17 +99,19 @@ def _card(
         f"| parameters | {train['parameters']:,} |",
         f"| data | {train['images']} generated scenes, split `pretrain` of the embedded generator "
         "(shares no scene with the embedded train/val splits) |",
-        f"| steps | {train['steps']} x batch {base.batch_size} images (all instances of each image), "
-        f"AdamW lr {base.lr}, warm-up {base.warmup_steps} + cosine |",
-        f"| wall time | {_hours(training_seconds)} of training over all invocations (summed from the "
-        f"logged throughput), {train['train_seconds']:.0f} s in the last one (resumed from step "
-        f"{train['resumed_from_step']}, {train['images_per_s']} img/s); 2 shared CPU cores, 1 thread |",
-        "| recipe | SAM's: precise prompts only: GT boxes with jitter std "
-        f"{base.box_jitter} x side, {base.point_counts} clicks (one click through the 3 multimask "
+        f"| steps | {train['steps'] + tight['steps']:,} x batch {base.batch_size} images (all instances "
+        f"of each image) in two phases, AdamW, each with warm-up + cosine: **pretrain** {train['steps']:,} "
+        f"steps, lr {base.lr}, warm-up {base.warmup_steps}, GT boxes jittered (std {base.box_jitter} x "
+        f"side); then **tighten** {tight['steps']:,} steps from those weights, lr {tighten.lr}, warm-up "
+        f"{tighten.warmup_steps}, box jitter {tighten.box_jitter} (SAM's tight boxes) |",
+        f"| wall time | {_hours(pretrain_s + tighten_s)} in all; pretrain: {_wall_time(train, pretrain_s)}; "
+        f"tighten: {_wall_time(tight, tighten_s)}; 2 shared CPU cores, 1 thread |",
+        "| recipe | SAM's: precise prompts only: GT boxes, "
+        f"{base.point_counts} clicks (one click through the 3 multimask "
         f"outputs, best one supervised), {base.correction_clicks} correction click(s) with the previous "
         "mask fed back; dense BCE + dice, IoU head MSE; LSJ "
         f"{base.lsj_min_scale}-{base.lsj_max_scale} |",
-        f"| code | pretrained at commit `{commit}` |",
+        f"| code | pretrained at commit `{pretrain_commit}`, tightened at `{tighten_commit}` |",
         "",
         "## mIoU on the embedded validation split (the evaluate stage's prompt protocol)",
         "",
@@ -108,9 +131,11 @@ def _card(
 
 
 def release(
-    model: Path, train_metrics: Path, eval_metrics: Path, table: Path, out: Path, params_file: Path,
-    code_commit: str = "HEAD", plot: Path = Path("plots/pretrain.csv"),
+    model: Path, phases: dict[str, Phase], eval_metrics: Path, table: Path, out: Path, params_file: Path
 ):  # fmt: skip
+    """``phases``: {"pretrain": ..., "tighten": ...}, in training order."""
+    if list(phases) != ["pretrain", "tighten"]:
+        raise ValueError(f"phases {list(phases)}: the base trains in two, ['pretrain', 'tighten']")
     params = load_params(params_file)
     sam_type = params.sam.type
     state = torch.load(model / f"sam_{sam_type}.pth", map_location="cpu", weights_only=True)
@@ -118,10 +143,15 @@ def release(
     target = out / f"sam_{sam_type}.pth"
     atomic_torch_save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, target)
     _, sha = build_sam(sam_type, target)  # the strict loader accepts it (and hashes the file)
-    card = _card(
-        sam_type, target, sha, json.loads(train_metrics.read_text()), json.loads(eval_metrics.read_text()),
-        table, params, _git_commit(code_commit), training_seconds(plot, params.base.batch_size),
-    )  # fmt: skip
+    described = {
+        name: (
+            json.loads(phase.metrics.read_text()),
+            training_seconds(phase.plot, params.base.batch_size),
+            _git_commit(phase.commit),
+        )
+        for name, phase in phases.items()
+    }
+    card = _card(sam_type, target, sha, described, json.loads(eval_metrics.read_text()), table, params)
     (out / CARD).write_text(card)
     return target, sha
 
@@ -129,26 +159,28 @@ def release(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--model", type=Path, default=Path("models/pretrained"))
-    parser.add_argument("--pretrain-metrics", type=Path, default=Path("metrics/pretrain.json"))
+    parser.add_argument("--model", type=Path, default=Path("models/tightened"))
     parser.add_argument("--eval-metrics", type=Path, default=Path("metrics/base_eval.json"))
     parser.add_argument("--table", type=Path, default=Path("reports/base_eval.csv"))
-    parser.add_argument("--plot", type=Path, default=Path("plots/pretrain.csv"), help="the loss history")
     parser.add_argument("--out", type=Path, default=Path("base/release"))
-    parser.add_argument(
-        "--code-commit", default="HEAD", help="the commit the pretraining ran at (default: the checkout's)"
-    )
+    for phase in ("pretrain", "tighten"):
+        parser.add_argument(f"--{phase}-metrics", type=Path, default=Path(f"metrics/{phase}.json"))
+        parser.add_argument(
+            f"--{phase}-plot", type=Path, default=Path(f"plots/{phase}.csv"), help="its loss history"
+        )
+        parser.add_argument(
+            f"--{phase}-commit", default="HEAD", help=f"the commit {phase} ran at (default: the checkout's)"
+        )
     args = parser.parse_args(argv)
-    target, sha = release(
-        args.model,
-        args.pretrain_metrics,
-        args.eval_metrics,
-        args.table,
-        args.out,
-        args.params,
-        args.code_commit,
-        args.plot,
-    )
+    phases = {
+        name: Phase(
+            metrics=getattr(args, f"{name}_metrics"),
+            plot=getattr(args, f"{name}_plot"),
+            commit=getattr(args, f"{name}_commit"),
+        )
+        for name in ("pretrain", "tighten")
+    }
+    target, sha = release(args.model, phases, args.eval_metrics, args.table, args.out, args.params)
     print(f"released {target} ({target.stat().st_size / 1e6:.2f} MB)")
     print(f"pin it in {args.params}:\n  sam:\n    checkpoint: {target}\n    sha256: {sha}")
 

@@ -16,7 +16,7 @@ from pipeline.base import BaseCheckpointError, BasePaths, resolve_base
 from pipeline.base import run as run_base
 from pipeline.base_data import run as run_base_data
 from pipeline.params import load_params
-from pipeline.release_base import release, training_seconds
+from pipeline.release_base import Phase, release, training_seconds
 from pipeline.sam_source import read_sam_source
 from pipeline.sources import CATEGORIES, target_families
 from stable_sam.build import build_sam
@@ -43,6 +43,8 @@ TINY = [
     "base.warmup_steps=1",
     "base.checkpoint_every=2",
     "base.log_every=2",
+    "tighten.steps=3",
+    "tighten.warmup_steps=1",
     "tracking.enabled=false",
 ]
 
@@ -134,6 +136,50 @@ def test_pretraining_resumes_to_the_same_weights(base_data, tmp_path, monkeypatc
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
+def test_tighten_starts_from_the_pretrained_weights_with_its_own_keys(base_data, tmp_path, monkeypatch):
+    """Stage tighten: the pretrained checkpoint is its step 0, and it trains with ``tighten``'s
+    steps, rate and box jitter (every other choice the base's), in a resume state of its own."""
+    out, _ = base_data
+    monkeypatch.chdir(tmp_path)
+    params = load_params(str(_params_file()), [*TINY, "tighten.box_jitter=0.0", "base.box_jitter=0.3"])
+    cfg = train_base.phase_config(params, tighten=True)
+    assert (cfg.steps, cfg.lr, cfg.box_jitter, cfg.seed) == (3, params.tighten.lr, 0.0, params.tighten.seed)
+    assert (cfg.batch_size, cfg.point_counts) == (params.base.batch_size, params.base.point_counts)
+    assert train_base.phase_config(params, tighten=False) is params.base
+    init = random_tiny_sam_checkpoint(tmp_path / "pretrained" / "sam_tiny.pth")
+    start = torch.load(init, weights_only=True)
+
+    seen = {}
+    original = train_base.sam_training_step
+
+    def records_the_first_step(model, batch, **kwargs):
+        if not seen:
+            seen["weights"] = {k: v.detach().clone() for k, v in model.sam.state_dict().items()}
+        return original(model, batch, **kwargs)
+
+    monkeypatch.setattr(train_base, "sam_training_step", records_the_first_step)
+    sampler_kwargs = {}
+    sampler = train_base.precise_prompt_sampler
+
+    def records_its_kwargs(**kwargs):
+        sampler_kwargs.update(kwargs)
+        return sampler(**kwargs)
+
+    monkeypatch.setattr(train_base, "precise_prompt_sampler", records_its_kwargs)
+    paths = train_base.TrainBasePaths(
+        data=out / "pretrain", out=tmp_path / "t", metrics=tmp_path / "t.json", plot=tmp_path / "t.csv",
+        init=tmp_path / "pretrained",
+    )  # fmt: skip
+    metrics = train_base.run(params, paths)
+    assert all(torch.equal(seen["weights"][k], start[k]) for k in start)
+    assert sampler_kwargs["box_jitter"] == 0.0  # tighten's, not the base's 0.3
+    assert metrics["steps"] == 3 and metrics["init_sha256"] == file_sha256(init)
+    tightened = torch.load(tmp_path / "t" / "sam_tiny.pth", weights_only=True)
+    assert any(not torch.equal(tightened[k], start[k]) for k in start)
+    assert (tmp_path / ".stage_state" / "tighten").is_dir()  # not the pretraining's resume state
+    assert not (tmp_path / ".stage_state" / "train_base").exists()
+
+
 def _params_file():
     from _tiny_project import PARAMS_FILE
 
@@ -187,21 +233,22 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
         "resumed_from_step": 0,
     }
     (tmp_path / "train.json").write_text(json.dumps(train))
+    (tmp_path / "tighten.json").write_text(json.dumps({**train, "steps": 2, "train_seconds": 3.0}))
     (tmp_path / "eval.json").write_text(json.dumps({"gt_box": {"miou": 1.0, "mbiou": 2.0}}))
     (tmp_path / "table.csv").write_text("family,images,gt_box\nall,4,1.0\nblob,4,1.0\ncurve,0,–\n")
     # The history of a run resumed once: 2 steps at 4 img/s, 2 at 1 img/s (batch 8): 4 + 16 s.
     plot = tmp_path / "pretrain.csv"
     plot.write_text("step,total,images_per_s\n1,1.0,4.0\n2,1.0,4.0\n4,1.0,1.0\n")
+    tighten_plot = tmp_path / "tighten.csv"
+    tighten_plot.write_text("step,total,images_per_s\n2,1.0,2.0\n")
     params = tmp_path / "params.yaml"  # the committed one, for the tiny SAM
     params.write_text(_params_file().read_text().replace("  type: small ", "  type: tiny ", 1))
+    phases = {
+        "pretrain": Phase(metrics=tmp_path / "train.json", plot=plot),
+        "tighten": Phase(metrics=tmp_path / "tighten.json", plot=tighten_plot),
+    }
     target, sha = release(
-        model,
-        tmp_path / "train.json",
-        tmp_path / "eval.json",
-        tmp_path / "table.csv",
-        tmp_path / "out",
-        params,
-        plot=plot,
+        model, phases, tmp_path / "eval.json", tmp_path / "table.csv", tmp_path / "out", params
     )
     assert training_seconds(plot, batch_size=8) == pytest.approx(20.0)
     half = torch.load(target, weights_only=True)
@@ -215,7 +262,12 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
     assert sha in card and "| blob | 4 | 1.0 |" in card and "| curve | 0 | – |" in card
     batch = load_params(str(params)).base.batch_size
-    assert f"{training_seconds(plot, batch):.0f} s) of training over all invocations" in card
+    pretrain_s, tighten_s = training_seconds(plot, batch), training_seconds(tighten_plot, batch)
+    assert f"({pretrain_s + tighten_s:.0f} s) in all" in card
+    assert f"pretrain: 0.0 h ({pretrain_s:.0f} s) of training" in card and "**tighten** 2 steps" in card
+    with pytest.raises(ValueError, match=r"two, \['pretrain', 'tighten'\]"):
+        release(model, {"pretrain": phases["pretrain"]}, tmp_path / "eval.json", tmp_path / "table.csv",
+                tmp_path / "out", params)  # fmt: skip
 
 
 def test_a_family_without_a_target_in_the_split_is_listed_with_zero_images(tmp_path):

@@ -298,13 +298,14 @@ def _a_variant_runs_as_a_queued_experiment(repo: Repo) -> list[str]:
 
 
 def test_the_base_pipeline_pretrains_evaluates_and_releases_a_base(repo):
-    """`dvc repro base/dvc.yaml` (data -> pretrain -> evaluate) then `make release-base`'s module,
+    """`dvc repro base/dvc.yaml` (data -> pretrain -> tighten -> evaluate) then `make release-base`'s module,
     at tiny size: the released file is what the default pipeline's base stage accepts."""
     params_file = repo.root / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     for key, value in {
         "base.num_images": 8, "base.steps": 4, "base.batch_size": 2, "base.warmup_steps": 1,
-        "base.checkpoint_every": 2, "base.log_every": 2, "eval.prompts": ["gt_box", "noisy_box", "point_1"],
+        "base.checkpoint_every": 2, "base.log_every": 2, "tighten.steps": 2, "tighten.warmup_steps": 1,
+        "eval.prompts": ["gt_box", "noisy_box", "point_1"],
     }.items():  # fmt: skip
         assert _set(params, key, value), key
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -312,6 +313,7 @@ def test_the_base_pipeline_pretrains_evaluates_and_releases_a_base(repo):
     assert set(RAN.findall(output)) == {
         "base/dvc.yaml:data",
         "base/dvc.yaml:pretrain",
+        "base/dvc.yaml:tighten",
         "base/dvc.yaml:evaluate",
     }
     evaluation = json.loads((repo.root / "metrics/base_eval.json").read_text())
