@@ -92,11 +92,12 @@ def test_the_stage_sections_have_no_defaults():
         for value in vars(pipeline_params).values()
         if isinstance(value, type)
         and dataclasses.is_dataclass(value)
-        and value.__module__.startswith(pipeline_params.__name__)  # params, params_eval, params_annotator
+        and value.__module__.startswith(pipeline_params.__name__)  # params, params_eval, _annotator, _base
         and value not in (Variant, Overlay)
     ]
-    # sam fetch embedded data synthesize base train ray eval ablate tracking automatic interactive + Params
-    assert len(sections) == 14
+    # sam fetch embedded data synthesize base tighten train ray eval ablate tracking automatic interactive
+    # + Params
+    assert len(sections) == 15
     for section in sections:
         for f in dataclasses.fields(section):
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (
