@@ -53,11 +53,14 @@ base: setup
 release-base: setup
 	$(BIN)/python -m pipeline.release_base
 
-# Everything, slow end-to-end tests included (this is what CI runs).
+# Everything, slow end-to-end tests included (this is what CI runs), on TEST_WORKERS pytest-xdist
+# workers: most slow tests wait on subprocesses (Ray, dvc, MLflow), so two workers share two cores
+# well. `make test TEST_WORKERS=0` runs them one after the other in one process.
+TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -m "slow or not slow" -v --durations=15
+	$(BIN)/pytest -m "slow or not slow" -n $(TEST_WORKERS) --dist load --maxschedchunk 1 -v --durations=15
 
 test-fast: setup
 	$(BIN)/pytest

@@ -97,6 +97,18 @@ def phase_config(params: Params, *, tighten: bool) -> BaseTrainConfig:
     )
 
 
+@dataclass(frozen=True)
+class _Phase:
+    """Which of the base's two phases a run is: its resume-state key and its MLflow run name."""
+
+    key: str  # .stage_state/<key>/ and the fingerprint's first element
+    run_name: str
+
+    @classmethod
+    def of(cls, paths: TrainBasePaths) -> _Phase:
+        return cls("train_base", "pretrain_base") if paths.init is None else cls("tighten", "tighten_base")
+
+
 def _dataset(cfg: BaseTrainConfig, sam_type: str, data: Path) -> AugmentedPromptDataset:
     return AugmentedPromptDataset(
         open_dataset(str(data), split="train"),
@@ -119,13 +131,14 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
     dataset = _dataset(cfg, params.sam.type, paths.data)
     manifest = paths.data / "instances.json"
     init = None if paths.init is None else paths.init / f"sam_{params.sam.type}.pth"
-    phase = "train_base" if init is None else "tighten"
+    init_sha256 = None if init is None else file_sha256(init)
+    phase = _Phase.of(paths).key
     fingerprint = run_fingerprint(
         phase,
         params.sam.type,
         {k: v for k, v in config_to_dict(cfg).items() if k not in ("log_every", "threads")},
         file_sha256(manifest),
-        *(() if init is None else (file_sha256(init),)),
+        *(() if init_sha256 is None else (init_sha256,)),
         code=(*TRAINING_CODE, "pipeline/train_base.py"),
     )
     resume_dir = state_dir(phase, fingerprint)
@@ -214,8 +227,8 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
         "images_per_s": round(images_seen / elapsed, 2) if images_seen else None,
         "resumed_from_step": start_step,
     }
-    if init is not None:
-        metrics["init_sha256"] = file_sha256(init)
+    if init_sha256 is not None:
+        metrics["init_sha256"] = init_sha256
     _write_outputs(paths, metrics, history)
     if tracker is not None:
         tracker.log_metrics_series(history, step_key="step")
@@ -253,8 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     paths = TrainBasePaths(data=args.data, out=args.out, metrics=args.metrics, plot=args.plot, init=args.init)
     from .tracking import stage_run
 
-    run_name = "pretrain_base" if args.init is None else "tighten_base"
-    with stage_run(run_name, params, params_path=Path(args.params)) as tracker:
+    with stage_run(_Phase.of(paths).run_name, params, params_path=Path(args.params)) as tracker:
         metrics = run(params, paths, tracker=tracker)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.log_artifact(paths.metrics, artifact_path="metrics")
