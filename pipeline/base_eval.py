@@ -4,7 +4,9 @@ Same prompt protocol as the default pipeline's evaluate stage (``eval`` params: 
 draws, seed, noise scale, multimask off), on the embedded validation split, overall and per shape
 family of the target. The base must be strong with precise prompts (GT box, 10 clicks) and, like
 SAM, weak with loose ones (noisy box, one click): ``metrics/base_eval.json`` holds both, and
-``make release-base`` copies them into the model card.
+``make release-base`` copies them into the model card. One click is also answered with multimask
+on (SAM's pick of its three masks, and the best of the three chosen with the GT): how much of the
+one-click failure a decoder-side repair could reach, and how much is the click's ambiguity.
 
     python -m pipeline.base_eval --model models/pretrained --val data/base/val \\
         --metrics metrics/base_eval.json --table reports/base_eval.csv
@@ -25,21 +27,35 @@ from pipeline.sources import CATEGORIES, target_families
 from stable_sam.build import build_sam
 from stable_sam.config import PluginConfig
 from stable_sam.data import open_dataset
-from stable_sam.evaluation import embed_images, evaluate_prompts, prepare_image, summarize
-from stable_sam.modeling import StableSam
+from stable_sam.evaluation import (
+    PreparedImage,
+    decode_prompts,
+    embed_images,
+    eval_prompts,
+    evaluate_prompts,
+    logits_to_masks,
+    prepare_image,
+    summarize,
+)
+from stable_sam.metrics import mask_iou
+from stable_sam.modeling import PromptTensors, StableSam
 
 from .eval_inputs import set_resize
 from .params import Params, load_params
 from .sam_source import write_json_atomic
 from .stage_cli import stage_argument_parser
 
-__all__ = ["evaluate_base", "main"]
+__all__ = ["evaluate_base", "main", "one_click_outputs"]
 
 logger = logging.getLogger("pipeline.base_eval")
 
 
-def evaluate_base(model: StableSam, val: Path, params: Params) -> dict[str, dict[str, dict[str, float]]]:
-    """{"all" | family: {kind: {"miou", "miou_std", "mbiou", "n", ("st")}}} in percent."""
+def evaluate_base(model: StableSam, val: Path, params: Params) -> tuple[dict, dict[str, float]]:
+    """Returns (by group, one click):
+
+    - by group: {"all" | family: {kind: {"miou", "miou_std", "mbiou", "n", ("st")}}} in percent;
+    - one click: :func:`one_click_outputs` (empty when ``point_1`` is not an eval prompt).
+    """
     cfg = params.eval
     dataset = open_dataset(str(val), split="val")
     resize = set_resize(params.data.eval_resize, "embedded")  # the embedded generator's own split
@@ -48,6 +64,7 @@ def evaluate_base(model: StableSam, val: Path, params: Params) -> dict[str, dict
         for i in range(len(dataset))
     ]
     embeddings = embed_images(model, images, progress=False)
+    one_click = one_click_outputs(model, images, embeddings, params) if "point_1" in cfg.prompts else {}
     records = evaluate_prompts(
         model,
         images,
@@ -68,7 +85,38 @@ def evaluate_base(model: StableSam, val: Path, params: Params) -> dict[str, dict
         selected = [r for r in records if family[r["image"]] == name]
         # A family with no target in the split is listed with 0 images (not silently missing).
         out[name] = summarize(selected)["sam"] if selected else {}
-    return out
+    return out, one_click
+
+
+@torch.no_grad()
+def one_click_outputs(
+    model: StableSam, images: Sequence[PreparedImage], embeddings: Sequence[torch.Tensor], params: Params
+) -> dict[str, float]:
+    """mIoU (percent) of the one-click prompts of the eval protocol, answered three ways.
+
+    ``token0``: mask token 0, multimask off (what the pipeline evaluates); ``picked``: SAM's own
+    answer with multimask on (the one of its three masks its IoU head scores highest); ``oracle``:
+    the best of the three chosen with the GT: what choosing among the base's own masks can give;
+    its distance to ``picked`` is the click's ambiguity (which of the three it meant).
+    """
+    cfg = params.eval
+    ious: dict[str, list[float]] = {"token0": [], "picked": [], "oracle": []}
+    for image, embedding in zip(images, embeddings):
+        if not image.frame_mask.any():
+            continue  # as evaluate_prompts: no prompt on an image whose GT vanished
+        prompts = eval_prompts(
+            image, "point_1", draws=cfg.draws, seed=cfg.seed, mask_input_size=model.mask_input_size,
+            noise_scale=cfg.noise_scale, min_iou=cfg.min_box_iou,
+        )  # fmt: skip
+        token0 = decode_prompts(model, embedding, prompts, image=image).masks
+        for prompt, mask in zip(prompts, token0):
+            batch = PromptTensors.stack([prompt], model.device)
+            out = model.decode(embedding.to(model.device), batch, multimask_output=True)
+            three = [mask_iou(image.mask, m) for m in logits_to_masks(model, out.low_res_logits[0], image)]
+            ious["token0"].append(mask_iou(image.mask, mask))
+            ious["picked"].append(three[int(out.iou_predictions[0].argmax())])
+            ious["oracle"].append(max(three))
+    return {k: round(100 * sum(v) / max(1, len(v)), 2) for k, v in ious.items()}
 
 
 def _write_table(path: Path, results: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -98,17 +146,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(max(1, params.eval.threads or 1))
     sam, sha256 = build_sam(params.sam.type, args.model / f"sam_{params.sam.type}.pth")
     model = StableSam(sam=sam, sam_type=params.sam.type, plugin_config=PluginConfig(variant="none")).eval()
-    results = evaluate_base(model, args.val, params)
+    results, one_click = evaluate_base(model, args.val, params)
     overall = results["all"]
     metrics = {
         kind: {"miou": round(v["miou"], 2), "mbiou": round(v["mbiou"], 2)} for kind, v in overall.items()
     }
+    if one_click:
+        metrics["point_1_multimask"] = {k: one_click[k] for k in ("picked", "oracle")}
     # (per shape family: the table, reports/base_eval.csv; DVC metrics stay what a comparison needs)
     metrics["checkpoint_sha256"] = sha256
     write_json_atomic(args.metrics, metrics)
     _write_table(args.table, results)
     for kind, v in overall.items():
         logger.info("%-12s mIoU %.1f  mBIoU %.1f", kind, v["miou"], v["mbiou"])
+    if one_click:
+        logger.info(
+            "one click: token 0 %(token0).1f, SAM's pick of 3 %(picked).1f, oracle %(oracle).1f", one_click
+        )
     return metrics
 
 

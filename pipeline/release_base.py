@@ -126,8 +126,24 @@ def _card(
         + ", ".join(f"{k} {evaluation[k]['mbiou']:.1f}" for k in KINDS if k in evaluation)
         + ".",
         "",
+        *_one_click_lines(evaluation),
     ]
     return "\n".join(lines)
+
+
+def _one_click_lines(evaluation: dict) -> list[str]:
+    """The one-click answer with multimask on (``pipeline.base_eval.one_click_outputs``), if measured."""
+    if "point_1_multimask" not in evaluation or "point_1" not in evaluation:
+        return []
+    multimask = evaluation["point_1_multimask"]
+    return [
+        f"One click, answered three ways (mIoU): mask token 0 (multimask off, above) "
+        f"{evaluation['point_1']['miou']:.1f}; SAM's own pick of its three multimask masks (highest "
+        f"predicted IoU) {multimask['picked']:.1f}; the best of the three chosen with the GT (an "
+        f"oracle) {multimask['oracle']:.1f}. The oracle is what choosing among the base's own three masks "
+        "can give; its distance to SAM's pick is the click's ambiguity (which of the three it meant).",
+        "",
+    ]
 
 
 def release(

@@ -3,6 +3,7 @@ of the default pipeline that verifies the pinned checkpoint. Tiny SAMs, tiny gen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -234,7 +235,9 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     }
     (tmp_path / "train.json").write_text(json.dumps(train))
     (tmp_path / "tighten.json").write_text(json.dumps({**train, "steps": 2, "train_seconds": 3.0}))
-    (tmp_path / "eval.json").write_text(json.dumps({"gt_box": {"miou": 1.0, "mbiou": 2.0}}))
+    evaluation = {"gt_box": {"miou": 1.0, "mbiou": 2.0}, "point_1": {"miou": 3.0, "mbiou": 2.5}}
+    evaluation["point_1_multimask"] = {"picked": 4.04, "oracle": 5.06}
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
     (tmp_path / "table.csv").write_text("family,images,gt_box\nall,4,1.0\nblob,4,1.0\ncurve,0,–\n")
     # The history of a run resumed once: 2 steps at 4 img/s, 2 at 1 img/s (batch 8): 4 + 16 s.
     plot = tmp_path / "pretrain.csv"
@@ -261,6 +264,8 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     assert np.allclose(sam.state_dict()[key].numpy(), full[key].numpy(), atol=1e-3)
     card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
     assert sha in card and "| blob | 4 | 1.0 |" in card and "| curve | 0 | – |" in card
+    assert "mask token 0 (multimask off, above) 3.0" in card and "(highest predicted IoU) 4.0" in card
+    assert "(an oracle) 5.1" in card
     batch = load_params(str(params)).base.batch_size
     pretrain_s, tighten_s = training_seconds(plot, batch), training_seconds(tighten_plot, batch)
     assert f"({pretrain_s + tighten_s:.0f} s) in all" in card
@@ -281,3 +286,25 @@ def test_a_family_without_a_target_in_the_split_is_listed_with_zero_images(tmp_p
         "blob,3,71.0",
         "curve,0,–",
     ]
+
+
+def test_one_click_is_answered_by_token_0_by_sams_pick_and_by_the_gt_oracle(base_data, tmp_path):
+    """``token0`` and ``picked`` equal the evaluation protocol's one-click mIoU with multimask off
+    and on (an independent path: evaluate_prompts); the GT's pick of the three is at least SAM's."""
+    from pipeline.base_eval import evaluate_base
+
+    out, _ = base_data
+    params = load_params(str(_params_file()), [*TINY, "eval.prompts=[point_1, gt_box]", "eval.draws=3"])
+    sam, _ = build_sam("tiny", random_tiny_sam_checkpoint(tmp_path / "sam_tiny.pth"))
+    model = StableSam(sam=sam, sam_type="tiny", plugin_config=PluginConfig(variant="none")).eval()
+    results, one_click = evaluate_base(model, out / "val", params)
+    assert one_click["token0"] == pytest.approx(results["all"]["point_1"]["miou"], abs=0.01)
+
+    multimask = dataclasses.replace(params.eval, multimask_output=True)
+    picked, _ = evaluate_base(model, out / "val", dataclasses.replace(params, eval=multimask))
+    assert one_click["picked"] == pytest.approx(picked["all"]["point_1"]["miou"], abs=0.01)
+    assert one_click["oracle"] >= one_click["picked"] and one_click["oracle"] > 0
+
+    box_only = load_params(str(_params_file()), [*TINY, "eval.prompts=[gt_box]"])
+    without, none = evaluate_base(model, out / "val", box_only)
+    assert none == {} and "point_1" not in without["all"]

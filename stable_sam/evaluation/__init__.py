@@ -59,6 +59,7 @@ from .protocol import (
     embed_images,
     eval_prompts,
     evaluate_prompts,
+    logits_to_masks,
     prepare_image,
 )
 from .summary import per_image_rows, summarize
@@ -89,6 +90,7 @@ __all__ = [
     "eval_prompts",
     "evaluate_prompts",
     "frame_points",
+    "logits_to_masks",
     "mask_generator",
     "model_decoder",
     "number_of_clicks",

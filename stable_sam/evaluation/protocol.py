@@ -29,6 +29,7 @@ __all__ = [
     "embed_images",
     "eval_prompts",
     "evaluate_prompts",
+    "logits_to_masks",
     "prepare_image",
 ]
 
@@ -241,20 +242,25 @@ def decode_prompts(
                 alphas[i] = float(out.routing[j, 0])
             if out.offsets is not None:
                 offsets[i] = out.offsets[j].cpu()
-    low_res = torch.stack(logits)[:, None]
+    low_res = torch.stack(logits)
+    return Decoded(
+        masks=logits_to_masks(model, low_res, image),
+        alpha1=None if np.isnan(alphas).all() else alphas,
+        predicted_iou=ious,
+        low_res_logits=low_res.cpu(),
+        offsets=None if any(o is None for o in offsets) else torch.stack(offsets),
+    )
+
+
+def logits_to_masks(model: StableSam, low_res: torch.Tensor, image: PreparedImage) -> np.ndarray:
+    """P x h x w low-res logits -> P x H x W bool masks at the image's original size."""
+    low_res = low_res[:, None]
     if image.resize == "stretch":
         # HQ-SAM: no padding was added, so the low-res logits map straight onto the original size.
         full = F.interpolate(low_res, image.original_size, mode="bilinear", align_corners=False)
     else:
         full = model.sam.postprocess_masks(low_res, image.input_size, image.original_size)
-    masks = (full[:, 0] > model.sam.mask_threshold).cpu().numpy()
-    return Decoded(
-        masks=masks,
-        alpha1=None if np.isnan(alphas).all() else alphas,
-        predicted_iou=ious,
-        low_res_logits=low_res[:, 0].cpu(),
-        offsets=None if any(o is None for o in offsets) else torch.stack(offsets),
-    )
+    return (full[:, 0] > model.sam.mask_threshold).cpu().numpy()
 
 
 def evaluate_prompts(
