@@ -288,9 +288,10 @@ def test_a_family_without_a_target_in_the_split_is_listed_with_zero_images(tmp_p
     ]
 
 
-def test_one_click_is_answered_by_token_0_by_sams_pick_and_by_the_gt_oracle(base_data, tmp_path):
-    """``token0`` and ``picked`` equal the evaluation protocol's one-click mIoU with multimask off
-    and on (an independent path: evaluate_prompts); the GT's pick of the three is at least SAM's."""
+def test_one_click_with_multimask_is_answered_by_sams_pick_and_by_the_gt_oracle(base_data, tmp_path):
+    """``picked`` equals the evaluation protocol's one-click mIoU with multimask on (an independent
+    path: evaluate_prompts, which takes the highest-scored mask itself); the GT's pick of the three is at least SAM's;
+    token 0 is the protocol's own ``point_1`` result, not measured again."""
     from pipeline.base_eval import evaluate_base
 
     out, _ = base_data
@@ -298,7 +299,7 @@ def test_one_click_is_answered_by_token_0_by_sams_pick_and_by_the_gt_oracle(base
     sam, _ = build_sam("tiny", random_tiny_sam_checkpoint(tmp_path / "sam_tiny.pth"))
     model = StableSam(sam=sam, sam_type="tiny", plugin_config=PluginConfig(variant="none")).eval()
     results, one_click = evaluate_base(model, out / "val", params)
-    assert one_click["token0"] == pytest.approx(results["all"]["point_1"]["miou"], abs=0.01)
+    assert set(one_click) == {"picked", "oracle"} and "point_1" in results["all"]
 
     multimask = dataclasses.replace(params.eval, multimask_output=True)
     picked, _ = evaluate_base(model, out / "val", dataclasses.replace(params, eval=multimask))
