@@ -10,9 +10,10 @@
 - ``points``: k random positive points for k in ``ablate.point_counts``, SAM and Stable-SAM,
   mIoU ± std over the prompt draws ``ablate.seeds`` (the paper's Table S6) and the learned α1 per
   k (Table S7).
-- ``alpha1``: α1 forced to each of ``ablate.alpha1_values`` for k in ``ablate.alpha1_point_counts``
-  points (Table S8), the same prompts for every α1; α1 = 0 must reproduce SAM exactly, which is
-  checked on every prediction (``alpha0_equals_sam``). A checkpoint without plug-ins (LoRA,
+- ``alpha1``: α1 forced to each of ``ablate.alpha1_values`` for each prompt kind of
+  ``ablate.alpha1_prompts`` (Table S8: 1 and 10 points; here also the GT and the noisy box, which
+  shows what routing by prompt looseness could gain), the same prompts for every α1; α1 = 0 must
+  reproduce SAM exactly, which is checked on every prediction (``alpha0_equals_sam``). A checkpoint without plug-ins (LoRA,
   adapters) has no α1 to force: the sweep says so (``applicable: false``) instead of failing.
 - ``looseness``: noisy boxes at each of ``ablate.noise_scales`` (the same draws at every scale,
   0 = the GT box) and the click counts of the points sweep.
@@ -214,7 +215,7 @@ def _alpha0_check(records: Sequence[dict[str, Any]]) -> tuple[bool, float]:
 
 def _alpha1(params: Params, paths: SweepPaths) -> dict[str, Any]:
     values = list(dict.fromkeys(float(v) for v in params.ablate.alpha1_values))
-    kinds = [f"point_{k}" for k in params.ablate.alpha1_point_counts]
+    kinds = list(params.ablate.alpha1_prompts)
     plugged: list[bool] = []
 
     def forced(p: ModelPass) -> dict[str, Callable[[], Any]]:
@@ -263,6 +264,7 @@ def _alpha1(params: Params, paths: SweepPaths) -> dict[str, Any]:
     return {
         "sweep": "alpha1",
         "applicable": applicable,
+        "prompts": kinds,
         "alpha1_values": values,
         "alpha1": curves,
         "alpha0_equals_sam": equal,

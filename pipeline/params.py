@@ -30,6 +30,7 @@ from stable_sam.build import SAM_TYPES
 from stable_sam.config import (
     COUNT,
     ENCODER_PRECISIONS,
+    EVAL_PROMPT_KIND,
     NAME,
     NON_NEGATIVE,
     POINT_COUNTS,
@@ -217,7 +218,9 @@ class AblateConfig:
 
     point_counts: list[int] = field(metadata=allows(POINT_COUNTS))
     alpha1_values: list[float] = field(metadata=allows(list_of(PROBABILITY, non_empty=True)))
-    alpha1_point_counts: list[int] = field(metadata=allows(POINT_COUNTS))
+    alpha1_prompts: list[str] = field(
+        metadata=allows(list_of(EVAL_PROMPT_KIND, non_empty=True, distinct=True))
+    )
     noise_scales: list[float] = field(metadata=allows(list_of(NON_NEGATIVE, non_empty=True, distinct=True)))
     seeds: list[int] = field(metadata=allows(list_of(SEED, non_empty=True, distinct=True)))
     # name -> {params key: value}: the overrides of its train and evaluate stages (--variant

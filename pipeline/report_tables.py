@@ -394,7 +394,7 @@ def alpha1_markdown(sweep: Mapping[str, Any]) -> str:
     curves = sweep["alpha1"]
     values = sweep["alpha1_values"]
     rows = []
-    for kind in sorted(curves, key=lambda k: (len(k), k)):  # point_1 before point_10
+    for kind in sweep["prompts"]:  # ablate.alpha1_prompts' order (the JSON's keys are sorted)
         curve = curves[kind]
         learned = curve.get("learned", {})
         rows.append(
@@ -418,7 +418,8 @@ def alpha1_markdown(sweep: Mapping[str, Any]) -> str:
             "",
             markdown_table(["Prompt", *(f"α1 = {v:g}" for v in values), "learned", "SAM"], rows),
             "",
-            f"mIoU ± std over the prompt draws, the same prompts for every α1. {note}",
+            f"mIoU ± std over the prompt draws, the same prompts for every α1. {note} A row's best "
+            "forced α1 against its learned one: what routing by prompt type could gain.",
             "",
         ]
     )

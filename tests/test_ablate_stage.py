@@ -34,7 +34,7 @@ def _params(**ablate_kwargs):
         params.ablate,
         point_counts=[1, 3, 10],
         alpha1_values=[0.0, 0.5, 1.0],
-        alpha1_point_counts=[1, 10],
+        alpha1_prompts=["point_1", "point_10", "gt_box", "noisy_box"],
         seeds=[0, 1, 2],
         noise_scales=[0.0, 0.4],
         **ablate_kwargs,
@@ -112,14 +112,20 @@ def test_points_sweep_reuses_the_evaluation_draws(stages):
 def test_alpha1_zero_is_sam_and_the_curve_moves(stages):
     sweep = stages["alpha1"]
     assert sweep["alpha0_equals_sam"] is True and sweep["alpha0_max_abs_diff"] == 0.0
-    for kind in ("point_1", "point_10"):
+    kinds = ["point_1", "point_10", "gt_box", "noisy_box"]
+    assert sweep["prompts"] == kinds and set(sweep["alpha1"]) == set(kinds)  # boxes too
+    for kind in kinds:
         curve = sweep["alpha1"][kind]
         assert curve["forced"]["0"]["miou"] == curve["sam"]["miou"]
         assert curve["forced"]["1"]["miou"] != curve["forced"]["0"]["miou"]
+        assert 0.0 < curve["learned"]["alpha1"] < 1.0
+    # One GT box per image, the same in every draw: no spread; noisy boxes differ per draw.
+    assert sweep["alpha1"]["gt_box"]["forced"]["1"]["miou_std"] == 0.0
+    assert sweep["alpha1"]["noisy_box"]["forced"]["1"]["miou_std"] > 0.0
     with open(stages["root"] / "alpha1.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["alpha1"]) for r in rows] == [0.0, 0.5, 1.0]
-    assert set(rows[0]) == {"alpha1", "point_1", "point_1_std", "point_10", "point_10_std"}
+    assert list(rows[0]) == ["alpha1", *(c for k in kinds for c in (k, f"{k}_std"))]
     assert sweep["applicable"] is True
     assert json.loads((stages["root"] / "ablate_alpha1.json").read_text()) == {
         "alpha0_equals_sam": True,
@@ -174,7 +180,7 @@ def test_alpha1_sweep_of_a_checkpoint_without_plug_ins_says_it_does_not_apply(tm
         tuning=TuningConfig(encoder="lora", decoder="prediction_head"),
     )
     params = _params()
-    params.ablate.alpha1_point_counts = [1]
+    params.ablate.alpha1_prompts = ["point_1"]
     embed(params, EmbedPaths(project["base"], project["raw"], tmp_path / "embeddings", tmp_path / "e.json"))
     project["root"] = tmp_path
     sweep = ablate(params, _sweep_paths(project, tmp_path, "alpha1"), sweep="alpha1")

@@ -138,6 +138,14 @@ BAD_OVERRIDES = {
         "eval.coco_min_box_iou = 0.7, eval.coco_max_box_iou = 0.6: need coco_min_box_iou <= coco_max_box_iou"
     ),
     "ablate.alpha1_values=[0.0,1.5]": "ablate.alpha1_values = [0.0, 1.5]: must be a non-empty list, each a number in [0, 1]",
+    "ablate.alpha1_prompts=[point_1,gt_bx]": (
+        "ablate.alpha1_prompts = ['point_1', 'gt_bx']: must be a non-empty list of distinct values, each a "
+        "prompt kind: 'gt_box', 'noisy_box', 'coarse_mask', 'oracle_point' or 'point_K' with K >= 1"
+    ),
+    "ablate.alpha1_prompts=[]": (
+        "ablate.alpha1_prompts = []: must be a non-empty list of distinct values, each a prompt kind: "
+        "'gt_box', 'noisy_box', 'coarse_mask', 'oracle_point' or 'point_K' with K >= 1"
+    ),
     "ablate.seeds=[0,0]": "ablate.seeds = [0, 0]: must be a non-empty list of distinct values, each an integer >= 0",
     "tracking.experiment=''": "tracking.experiment = '': must be a non-empty string",
 }

@@ -66,7 +66,7 @@ TINY_PARAMS: dict[str, Any] = {
     "eval.coco_max_images": 4,
     "ablate.point_counts": [1, 3],
     "ablate.alpha1_values": [0.0, 1.0],
-    "ablate.alpha1_point_counts": [1],
+    "ablate.alpha1_prompts": ["point_1", "noisy_box"],
     "ablate.seeds": [0],
     "automatic.points_per_side": 4,
     "automatic.max_images": 4,

@@ -134,7 +134,7 @@ def pipeline_outputs(tmp_path_factory):
         params.ablate,
         point_counts=[1, 3, 10],
         alpha1_values=[0.0, 1.0],
-        alpha1_point_counts=[1],
+        alpha1_prompts=["point_1", "gt_box"],
         seeds=[0, 1],
         noise_scales=[0.0, 0.4],
     )
@@ -183,6 +183,9 @@ def test_report_has_every_table_and_links_the_figures(pipeline_outputs):
         assert heading in report, heading
     assert report.count("### Every prompt type") == 1  # each table once
     assert "| # points | 1 | 3 | 10 |" in report  # numeric order, although JSON keys are text
+    forced = report.split("Forced routing weight α1 (Table S8)", 1)[1].split("###", 1)[0]
+    rows = [line.split(" | ", 1)[0] for line in forced.splitlines() if line.startswith("| ")]
+    assert rows[2:] == ["| 1 point", "| GT box"]  # header, rule, then ablate.alpha1_prompts' order
     assert "![points](figures/points.png)" in report and "![alpha1](figures/alpha1.png)" in report
     assert "(../plots/evaluate/embedded_val_00000_sam_vs_stable_sam.png)" in report
     for link in ("figures/looseness.png", "../plots/evaluate/embedded_val_00000_offsets.png"):
