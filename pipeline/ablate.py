@@ -13,8 +13,9 @@
 - ``alpha1``: α1 forced to each of ``ablate.alpha1_values`` for each prompt kind of
   ``ablate.alpha1_prompts`` (Table S8: 1 and 10 points; here also the GT and the noisy box, which
   shows what routing by prompt looseness could gain), the same prompts for every α1; α1 = 0 must
-  reproduce SAM exactly, which is checked on every prediction (``alpha0_equals_sam``). A checkpoint without plug-ins (LoRA,
-  adapters) has no α1 to force: the sweep says so (``applicable: false``) instead of failing.
+  reproduce SAM exactly, which is checked on every prediction (``alpha0_equals_sam``). A
+  checkpoint without plug-ins (LoRA, adapters) has no α1 to force: the sweep says so
+  (``applicable: false``) instead of failing.
 - ``looseness``: noisy boxes at each of ``ablate.noise_scales`` (the same draws at every scale,
   0 = the GT box) and the click counts of the points sweep.
 
