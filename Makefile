@@ -48,7 +48,7 @@ variants: setup
 # base/release/ (committed; pin the printed sha256 as sam.sha256 in params.yaml).
 base: setup
 	$(BIN)/dvc repro base/dvc.yaml
-	$(BIN)/dvc metrics show metrics/pretrain.json metrics/tighten.json metrics/base_eval.json
+	$(BIN)/dvc metrics show metrics/pretrain.json metrics/tighten.json metrics/extend.json metrics/base_eval.json
 
 release-base: setup
 	$(BIN)/python -m pipeline.release_base

@@ -57,7 +57,7 @@ from stable_sam.config import (
 from stable_sam.data import DATASETS
 
 from .params_annotator import AutomaticConfig, InteractiveConfig
-from .params_base import BaseTrainConfig, TightenConfig
+from .params_base import BaseTrainConfig, ExtendConfig, TightenConfig
 from .params_eval import EVAL_DEVICES, EVAL_RESIZE, EVAL_RESIZE_AUTO, EvalConfig
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "DataConfig",
     "EmbeddedConfig",
     "EvalConfig",
+    "ExtendConfig",
     "FetchConfig",
     "Overlay",
     "Params",
@@ -252,6 +253,7 @@ class Params:
     synthesize: SynthesizeConfig
     base: BaseTrainConfig
     tighten: TightenConfig
+    extend: ExtendConfig
     train: TrainConfig
     ray: RayConfig
     eval: EvalConfig

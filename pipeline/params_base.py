@@ -1,8 +1,9 @@
-"""The ``base`` and ``tighten`` sections of params.yaml: the released base SAM's own pipeline,
-``base/dvc.yaml`` (declared like the sections of ``pipeline/params.py``, which collects them)."""
+"""The ``base``, ``tighten`` and ``extend`` sections of params.yaml: the released base SAM's own
+pipeline, ``base/dvc.yaml`` (declared like the sections of ``pipeline/params.py``, which collects them)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -13,6 +14,7 @@ from stable_sam.config import (
     POSITIVE,
     PROBABILITY,
     SEED,
+    Allowed,
     Rule,
     allows,
     integer,
@@ -20,7 +22,11 @@ from stable_sam.config import (
     ordered,
 )
 
-__all__ = ["BaseTrainConfig", "TightenConfig"]
+__all__ = ["BaseTrainConfig", "ExtendConfig", "TightenConfig"]
+
+_SHA256 = Allowed(
+    lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None, "64 lowercase hex digits"
+)
 
 
 @dataclass
@@ -59,3 +65,13 @@ class TightenConfig:
     warmup_steps: int = option(integer(0))
     box_jitter: float = option(NON_NEGATIVE)
     seed: int = option(SEED)
+
+
+@dataclass
+class ExtendConfig(TightenConfig):
+    """The base's third phase (base/dvc.yaml: extend): the released base v1 (pretrain + tighten, as
+    committed in fp16) trained on for longer with tight boxes, as a new release is trained on from
+    the last one. ``init_sha256`` pins the v1 file it starts from, the way ``sam.sha256`` pins the
+    checkpoint the default pipeline uses. Every other choice is the ``base`` section's."""
+
+    init_sha256: str = option(_SHA256)

@@ -1,12 +1,13 @@
 """Release the pretrained base SAM: ``make release-base`` (by hand, like publishing a checkpoint).
 
-Copies ``models/tightened/sam_<type>.pth`` (base/dvc.yaml's last training phase) into
+Copies ``models/extended/sam_<type>.pth`` (base/dvc.yaml's last training phase) into
 ``base/release/`` in fp16 (half the size; the strict loader casts it back to fp32), writes the
-model card next to it from the pipeline's own metrics (both phases: pretrain, then tighten), and
-prints the sha256 to pin in params.yaml (``sam.sha256``). This is not a DVC stage: its outputs are
-committed to git, outside the folders DVC owns.
+model card next to it from the pipeline's own metrics (all three phases: pretrain and tighten,
+which made the base v1 in ``base/release/v1/``, then extend), and prints the sha256 to pin in
+params.yaml (``sam.sha256``). This is not a DVC stage: its outputs are committed to git, outside
+the folders DVC owns.
 
-    python -m pipeline.release_base --model models/tightened --eval-metrics metrics/base_eval.json \\
+    python -m pipeline.release_base --model models/extended --eval-metrics metrics/base_eval.json \\
         --table reports/base_eval.csv --out base/release
 """
 
@@ -27,9 +28,10 @@ from stable_sam.checkpoint import atomic_torch_save
 
 from .params import load_params
 
-__all__ = ["Phase", "main", "release"]
+__all__ = ["PHASES", "Phase", "main", "release"]
 
 CARD = "MODEL_CARD.md"
+PHASES = ("pretrain", "tighten", "extend")  # the order they train in
 KINDS = ("gt_box", "point_10", "noisy_box", "point_1", "point_3", "oracle_point")
 
 
@@ -37,8 +39,8 @@ KINDS = ("gt_box", "point_10", "noisy_box", "point_1", "point_3", "oracle_point"
 class Phase:
     """One training phase of the base: its metrics, its loss history, the commit it ran at."""
 
-    metrics: Path  # metrics/pretrain.json | metrics/tighten.json
-    plot: Path  # plots/pretrain.csv | plots/tighten.csv (per logged step: images_per_s)
+    metrics: Path  # metrics/<phase>.json
+    plot: Path  # plots/<phase>.csv (per logged step: images_per_s)
     commit: str = "HEAD"
 
 
@@ -71,14 +73,33 @@ def _wall_time(train: dict, seconds: float) -> str:
     )
 
 
+def _steps(params, phases: dict[str, tuple[dict, float, str]]) -> str:
+    base, tighten, extend = params.base, params.tighten, params.extend
+    (train, *_), (tight, *_), (ext, *_) = phases.values()
+    total = sum(metrics["steps"] for metrics, _, _ in phases.values())
+    return (
+        f"{total:,} x batch {base.batch_size} images (all instances of each image) in three phases, "
+        f"AdamW, each with warm-up + cosine: **pretrain** {train['steps']:,} steps, lr {base.lr}, warm-up "
+        f"{base.warmup_steps}, GT boxes jittered (std {base.box_jitter} x side); then **tighten** "
+        f"{tight['steps']:,} steps from those weights, lr {tighten.lr}, warm-up {tighten.warmup_steps}, "
+        f"box jitter {tighten.box_jitter} (SAM's tight boxes): the base v1 (`v1/`, fp16); then **extend** "
+        f"{ext['steps']:,} steps from v1 as committed (sha256 `{ext.get('init_sha256', '?')[:12]}…`), a "
+        f"warm restart: lr {extend.lr}, warm-up {extend.warmup_steps}, box jitter {extend.box_jitter}, "
+        f"seed {extend.seed}"
+    )
+
+
 def _card(
     sam_type: str, file: Path, sha: str, phases: dict[str, tuple[dict, float, str]], evaluation: dict,
     table: Path, params,
 ) -> str:  # fmt: skip
-    """``phases``: {"pretrain" | "tighten": (its metrics, its training seconds, its commit)}."""
+    """``phases``: {"pretrain" | "tighten" | "extend": (its metrics, its training seconds, its commit)}."""
     spec = SMALL_SAM_SPECS[sam_type]
-    base, tighten = params.base, params.tighten
-    (train, pretrain_s, pretrain_commit), (tight, tighten_s, tighten_commit) = phases.values()
+    base = params.base
+    train = phases["pretrain"][0]
+    seconds = sum(s for _, s, _ in phases.values())
+    wall = "; ".join(f"{name}: {_wall_time(m, s)}" for name, (m, s, _) in phases.items())
+    commits = ", ".join(f"{name} at `{commit}`" for name, (_, _, commit) in phases.items())
     rows = list(csv.reader(table.open()))
     header, *body = rows
     lines = [
@@ -86,7 +107,8 @@ def _card(
         "",
         "A small SAM built from segment-anything's classes, pretrained from scratch on CPU by",
         "`dvc repro base/dvc.yaml` and released with `make release-base`. Synthetic data, small model:",
-        "its numbers are not SAM's. It stands in for SAM-L in the offline default.",
+        "its numbers are not SAM's. It stands in for SAM-L in the offline default. The release before",
+        "it (v1, where its last phase started) is `v1/`, with its own card.",
         "",
         "| | |",
         "|---|---|",
@@ -99,19 +121,14 @@ def _card(
         f"| parameters | {train['parameters']:,} |",
         f"| data | {train['images']} generated scenes, split `pretrain` of the embedded generator "
         "(shares no scene with the embedded train/val splits) |",
-        f"| steps | {train['steps'] + tight['steps']:,} x batch {base.batch_size} images (all instances "
-        f"of each image) in two phases, AdamW, each with warm-up + cosine: **pretrain** {train['steps']:,} "
-        f"steps, lr {base.lr}, warm-up {base.warmup_steps}, GT boxes jittered (std {base.box_jitter} x "
-        f"side); then **tighten** {tight['steps']:,} steps from those weights, lr {tighten.lr}, warm-up "
-        f"{tighten.warmup_steps}, box jitter {tighten.box_jitter} (SAM's tight boxes) |",
-        f"| wall time | {_hours(pretrain_s + tighten_s)} in all; pretrain: {_wall_time(train, pretrain_s)}; "
-        f"tighten: {_wall_time(tight, tighten_s)}; 2 shared CPU cores, 1 thread |",
+        f"| steps | {_steps(params, phases)} |",
+        f"| wall time | {_hours(seconds)} in all; {wall}; 2 shared CPU cores, 1 thread |",
         "| recipe | SAM's: precise prompts only: GT boxes, "
         f"{base.point_counts} clicks (one click through the 3 multimask "
         f"outputs, best one supervised), {base.correction_clicks} correction click(s) with the previous "
         "mask fed back; dense BCE + dice, IoU head MSE; LSJ "
         f"{base.lsj_min_scale}-{base.lsj_max_scale} |",
-        f"| code | pretrained at commit `{pretrain_commit}`, tightened at `{tighten_commit}` |",
+        f"| code | {commits} |",
         "",
         "## mIoU on the embedded validation split (the evaluate stage's prompt protocol)",
         "",
@@ -126,9 +143,34 @@ def _card(
         + ", ".join(f"{k} {evaluation[k]['mbiou']:.1f}" for k in KINDS if k in evaluation)
         + ".",
         "",
+        *_like_sam_lines(evaluation),
         *_one_click_lines(evaluation),
     ]
     return "\n".join(lines)
+
+
+# What "fails like SAM" asks of the base (issue 9): precise prompts at least this good (mIoU) ...
+PRECISE_MIN = {"gt_box": 80.0, "point_10": 80.0}
+# ... and loose prompts at least this far below the GT box.
+LOOSE_GAP_MIN = {"noisy_box": 15.0, "point_1": 20.0}
+
+
+def _like_sam_lines(evaluation: dict) -> list[str]:
+    """The base's targets, measured: each value, its rule, whether it holds."""
+    kinds = [*PRECISE_MIN, *LOOSE_GAP_MIN]
+    if any(k not in evaluation for k in kinds):
+        return []
+    gt = evaluation["gt_box"]["miou"]
+    parts = [
+        f"{k} {evaluation[k]['miou']:.1f} (>= {floor:g}: {'yes' if evaluation[k]['miou'] >= floor else 'no'})"
+        for k, floor in PRECISE_MIN.items()
+    ]
+    parts += [
+        f"gt_box - {k} {gt - evaluation[k]['miou']:.1f} (>= {gap:g}: "
+        f"{'yes' if gt - evaluation[k]['miou'] >= gap else 'no'})"
+        for k, gap in LOOSE_GAP_MIN.items()
+    ]
+    return ["Like SAM (the base's targets, mIoU points): " + "; ".join(parts) + ".", ""]
 
 
 def _one_click_lines(evaluation: dict) -> list[str]:
@@ -149,9 +191,9 @@ def _one_click_lines(evaluation: dict) -> list[str]:
 def release(
     model: Path, phases: dict[str, Phase], eval_metrics: Path, table: Path, out: Path, params_file: Path
 ):  # fmt: skip
-    """``phases``: {"pretrain": ..., "tighten": ...}, in training order."""
-    if list(phases) != ["pretrain", "tighten"]:
-        raise ValueError(f"phases {list(phases)}: the base trains in two, ['pretrain', 'tighten']")
+    """``phases``: {"pretrain": ..., "tighten": ..., "extend": ...}, in training order."""
+    if list(phases) != list(PHASES):
+        raise ValueError(f"phases {list(phases)}: the base trains in three, {list(PHASES)}")
     params = load_params(params_file)
     sam_type = params.sam.type
     state = torch.load(model / f"sam_{sam_type}.pth", map_location="cpu", weights_only=True)
@@ -175,11 +217,11 @@ def release(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--model", type=Path, default=Path("models/tightened"))
+    parser.add_argument("--model", type=Path, default=Path("models/extended"))
     parser.add_argument("--eval-metrics", type=Path, default=Path("metrics/base_eval.json"))
     parser.add_argument("--table", type=Path, default=Path("reports/base_eval.csv"))
     parser.add_argument("--out", type=Path, default=Path("base/release"))
-    for phase in ("pretrain", "tighten"):
+    for phase in PHASES:
         parser.add_argument(f"--{phase}-metrics", type=Path, default=Path(f"metrics/{phase}.json"))
         parser.add_argument(
             f"--{phase}-plot", type=Path, default=Path(f"plots/{phase}.csv"), help="its loss history"
@@ -194,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             plot=getattr(args, f"{name}_plot"),
             commit=getattr(args, f"{name}_commit"),
         )
-        for name in ("pretrain", "tighten")
+        for name in PHASES
     }
     target, sha = release(args.model, phases, args.eval_metrics, args.table, args.out, args.params)
     print(f"released {target} ({target.stat().st_size / 1e6:.2f} MB)")

@@ -46,8 +46,8 @@ __all__ = ["GT_BOX_TOLERANCE", "MIN_GAIN", "ReportPaths", "effect_checks", "hold
 logger = logging.getLogger("pipeline.report")
 
 # The targets (percent points): the gain Stable-SAM must show over SAM on loose prompts, and how
-# far a precise prompt (the GT box) may move.
-MIN_GAIN = 5.0
+# far a precise prompt (the GT box) may move (issue 9: +8 noisy-box mIoU and ST, +8 one click).
+MIN_GAIN = 8.0
 GT_BOX_TOLERANCE = 1.0
 SWEEP_TABLES = {"points": points_markdown, "alpha1": alpha1_markdown, "looseness": looseness_markdown}
 

@@ -9,14 +9,20 @@ released with ``make release-base`` (fp16 copy + model card in ``base/release/``
 params.yaml's ``sam.sha256``); the default ``dvc repro`` verifies and uses that file.
 Interrupted runs resume from ``.stage_state`` (model, optimiser, scheduler, step).
 
-With ``--init``, the same module is stage ``tighten``, the base's second phase: it starts from the
-pretrained weights and trains on with SAM's tight boxes (``tighten`` params: steps, rate, box
-jitter, seed; every other choice is the ``base`` section's), so that the decoder follows the box.
+With ``--phase tighten --init``, the same module is stage ``tighten``, the base's second phase: it
+starts from the pretrained weights and trains on with SAM's tight boxes (``tighten`` params: steps,
+rate, box jitter, seed; every other choice is the ``base`` section's), so that the decoder follows
+the box. Those two phases made the released base v1 (``base/release/v1/``). With ``--phase extend``
+it is stage ``extend``, the third phase: v1 as committed (fp16, its sha256 pinned as
+``extend.init_sha256``) trained on for longer at a restarted rate (``extend`` params); its result is
+the base released now.
 
     python -m pipeline.train_base --data data/base/pretrain --out models/pretrained \\
         --metrics metrics/pretrain.json --plot plots/pretrain.csv
-    python -m pipeline.train_base --init models/pretrained --data data/base/pretrain \\
+    python -m pipeline.train_base --phase tighten --init models/pretrained --data data/base/pretrain \\
         --out models/tightened --metrics metrics/tighten.json --plot plots/tighten.csv
+    python -m pipeline.train_base --phase extend --init base/release/v1 --data data/base/pretrain \\
+        --out models/extended --metrics metrics/extend.json --plot plots/extend.csv
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from .run_state import TRAINING_CODE, resume_or_start, run_fingerprint, state_di
 from .sam_source import write_json_atomic
 from .stage_cli import stage_argument_parser
 
-__all__ = ["TrainBasePaths", "main", "run"]
+__all__ = ["PHASES", "TrainBasePaths", "main", "phase_config", "run"]
 
 logger = logging.getLogger("pipeline.train_base")
 
@@ -64,7 +70,8 @@ class TrainBasePaths:
     out: Path  # models/pretrained: sam_<type>.pth
     metrics: Path
     plot: Path
-    init: Path | None = None  # tighten: the folder of the pretrained sam_<type>.pth to start from
+    init: Path | None = None  # tighten, extend: the folder of the sam_<type>.pth to start from
+    phase: str = "pretrain"  # one of PHASES
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, floor: float = 0.02):
@@ -84,29 +91,64 @@ def run(params: Params, paths: TrainBasePaths, *, tracker: Any = None) -> dict[s
             f"sam.type={params.sam.type!r}: only the small configurations {sorted(SMALL_SAM_SPECS)} are "
             "pretrained here; official SAMs come from Meta's checkpoints"
         )
+    _check_phase(paths)
     return _train(params, paths, tracker=tracker)
 
 
-def phase_config(params: Params, *, tighten: bool) -> BaseTrainConfig:
-    """The ``base`` section, or for the tighten phase the ``base`` section with ``tighten``'s keys."""
-    if not tighten:
+def phase_config(params: Params, phase: str) -> BaseTrainConfig:
+    """The ``base`` section, or for a later phase the ``base`` section with that phase's keys."""
+    if phase == "pretrain":
         return params.base
-    t = params.tighten
+    later = {"tighten": params.tighten, "extend": params.extend}[phase]
     return dataclasses.replace(
-        params.base, steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps, box_jitter=t.box_jitter, seed=t.seed
+        params.base,
+        steps=later.steps,
+        lr=later.lr,
+        warmup_steps=later.warmup_steps,
+        box_jitter=later.box_jitter,
+        seed=later.seed,
     )
 
 
 @dataclass(frozen=True)
 class _Phase:
-    """Which of the base's two phases a run is: its resume-state key and its MLflow run name."""
+    """One of the base's phases: its resume-state key and its MLflow run name."""
 
     key: str  # .stage_state/<key>/ and the fingerprint's first element
     run_name: str
 
-    @classmethod
-    def of(cls, paths: TrainBasePaths) -> _Phase:
-        return cls("train_base", "pretrain_base") if paths.init is None else cls("tighten", "tighten_base")
+
+PHASES = {
+    "pretrain": _Phase("train_base", "pretrain_base"),
+    "tighten": _Phase("tighten", "tighten_base"),
+    "extend": _Phase("extend", "extend_base"),
+}
+
+
+def _check_phase(paths: TrainBasePaths) -> None:
+    if paths.phase not in PHASES:
+        raise ValueError(f"phase {paths.phase!r}: must be one of {sorted(PHASES)}")
+    if (paths.phase == "pretrain") != (paths.init is None):
+        raise ValueError(
+            f"phase {paths.phase!r} with init {paths.init}: pretrain starts from random weights (no "
+            "--init), tighten and extend from the checkpoint folder given with --init"
+        )
+
+
+def _init_checkpoint(params: Params, paths: TrainBasePaths) -> tuple[Path | None, str | None]:
+    """The checkpoint a later phase starts from and its sha256 (extend: must be the pinned one)."""
+    if paths.init is None:
+        return None, None
+    init = paths.init / f"sam_{params.sam.type}.pth"
+    if not init.is_file():
+        raise FileNotFoundError(f"{init}: no checkpoint to start phase {paths.phase!r} from")
+    sha = file_sha256(init)
+    if paths.phase == "extend" and sha != params.extend.init_sha256:
+        raise ValueError(
+            f"{init}: sha256 {sha} is not extend.init_sha256 {params.extend.init_sha256} (the base v1 "
+            "this phase starts from); restore the file or pin the one you mean"
+        )
+    return init, sha
 
 
 def _dataset(cfg: BaseTrainConfig, sam_type: str, data: Path) -> AugmentedPromptDataset:
@@ -125,14 +167,13 @@ def _dataset(cfg: BaseTrainConfig, sam_type: str, data: Path) -> AugmentedPrompt
 
 
 def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, Any]:
-    cfg = phase_config(params, tighten=paths.init is not None)
+    cfg = phase_config(params, paths.phase)
+    init, init_sha256 = _init_checkpoint(params, paths)
     torch.set_num_threads(cfg.threads)
     paths.out.mkdir(parents=True, exist_ok=True)
     dataset = _dataset(cfg, params.sam.type, paths.data)
     manifest = paths.data / "instances.json"
-    init = None if paths.init is None else paths.init / f"sam_{params.sam.type}.pth"
-    init_sha256 = None if init is None else file_sha256(init)
-    phase = _Phase.of(paths).key
+    phase = PHASES[paths.phase].key
     fingerprint = run_fingerprint(
         phase,
         params.sam.type,
@@ -257,16 +298,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, required=True, help="folder of the pretrained checkpoint")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plot", type=Path, required=True)
+    parser.add_argument("--phase", choices=list(PHASES), default="pretrain", help="which phase (stage)")
     parser.add_argument(
-        "--init", type=Path, default=None, help="stage tighten: the folder of the pretrained checkpoint"
+        "--init", type=Path, default=None, help="tighten, extend: the folder of the checkpoint to start from"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)
-    paths = TrainBasePaths(data=args.data, out=args.out, metrics=args.metrics, plot=args.plot, init=args.init)
+    paths = TrainBasePaths(
+        data=args.data, out=args.out, metrics=args.metrics, plot=args.plot, init=args.init, phase=args.phase
+    )
     from .tracking import stage_run
 
-    with stage_run(_Phase.of(paths).run_name, params, params_path=Path(args.params)) as tracker:
+    with stage_run(PHASES[paths.phase].run_name, params, params_path=Path(args.params)) as tracker:
         metrics = run(params, paths, tracker=tracker)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.log_artifact(paths.metrics, artifact_path="metrics")

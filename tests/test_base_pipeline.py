@@ -46,6 +46,8 @@ TINY = [
     "base.log_every=2",
     "tighten.steps=3",
     "tighten.warmup_steps=1",
+    "extend.steps=3",
+    "extend.warmup_steps=1",
     "tracking.enabled=false",
 ]
 
@@ -143,10 +145,10 @@ def test_tighten_starts_from_the_pretrained_weights_with_its_own_keys(base_data,
     out, _ = base_data
     monkeypatch.chdir(tmp_path)
     params = load_params(str(_params_file()), [*TINY, "tighten.box_jitter=0.0", "base.box_jitter=0.3"])
-    cfg = train_base.phase_config(params, tighten=True)
+    cfg = train_base.phase_config(params, "tighten")
     assert (cfg.steps, cfg.lr, cfg.box_jitter, cfg.seed) == (3, params.tighten.lr, 0.0, params.tighten.seed)
     assert (cfg.batch_size, cfg.point_counts) == (params.base.batch_size, params.base.point_counts)
-    assert train_base.phase_config(params, tighten=False) is params.base
+    assert train_base.phase_config(params, "pretrain") is params.base
     init = random_tiny_sam_checkpoint(tmp_path / "pretrained" / "sam_tiny.pth")
     start = torch.load(init, weights_only=True)
 
@@ -169,7 +171,7 @@ def test_tighten_starts_from_the_pretrained_weights_with_its_own_keys(base_data,
     monkeypatch.setattr(train_base, "precise_prompt_sampler", records_its_kwargs)
     paths = train_base.TrainBasePaths(
         data=out / "pretrain", out=tmp_path / "t", metrics=tmp_path / "t.json", plot=tmp_path / "t.csv",
-        init=tmp_path / "pretrained",
+        init=tmp_path / "pretrained", phase="tighten",
     )  # fmt: skip
     metrics = train_base.run(params, paths)
     assert all(torch.equal(seen["weights"][k], start[k]) for k in start)
@@ -179,6 +181,48 @@ def test_tighten_starts_from_the_pretrained_weights_with_its_own_keys(base_data,
     assert any(not torch.equal(tightened[k], start[k]) for k in start)
     assert (tmp_path / ".stage_state" / "tighten").is_dir()  # not the pretraining's resume state
     assert not (tmp_path / ".stage_state" / "train_base").exists()
+
+
+def test_extend_starts_from_the_pinned_v1_with_its_own_keys(base_data, tmp_path, monkeypatch):
+    """Stage extend: the committed v1 is its step 0 only if it is the file ``extend.init_sha256``
+    pins; it trains with ``extend``'s keys in a resume state of its own."""
+    out, _ = base_data
+    monkeypatch.chdir(tmp_path)
+    v1 = random_tiny_sam_checkpoint(tmp_path / "v1" / "sam_tiny.pth")
+    pinned = [*TINY, f"extend.init_sha256={file_sha256(v1)}", "extend.lr=0.0003", "extend.seed=5"]
+    params = load_params(str(_params_file()), pinned)
+    cfg = train_base.phase_config(params, "extend")
+    assert (cfg.steps, cfg.lr, cfg.seed, cfg.box_jitter) == (3, 0.0003, 5, params.extend.box_jitter)
+    assert cfg.batch_size == params.base.batch_size
+
+    def paths(name, **kwargs):
+        return train_base.TrainBasePaths(
+            data=out / "pretrain", out=tmp_path / name, metrics=tmp_path / f"{name}.json",
+            plot=tmp_path / f"{name}.csv", **kwargs,
+        )  # fmt: skip
+
+    metrics = train_base.run(params, paths("e", init=tmp_path / "v1", phase="extend"))
+    assert metrics["steps"] == 3 and metrics["init_sha256"] == file_sha256(v1)
+    assert (tmp_path / ".stage_state" / "extend").is_dir()
+    assert not (tmp_path / ".stage_state" / "tighten").exists()
+    extended = torch.load(tmp_path / "e" / "sam_tiny.pth", weights_only=True)
+    start = torch.load(v1, weights_only=True)
+    assert any(not torch.equal(extended[k], start[k]) for k in start)
+
+    other = load_params(str(_params_file()), [*TINY, f"extend.init_sha256={'f' * 64}"])
+    with pytest.raises(
+        ValueError, match=r"v1/sam_tiny.pth: sha256 [0-9a-f]{64} is not extend.init_sha256 f{64}"
+    ):
+        train_base.run(other, paths("x", init=tmp_path / "v1", phase="extend"))
+    with pytest.raises(
+        FileNotFoundError, match=r"nowhere/sam_tiny.pth: no checkpoint to start phase 'extend'"
+    ):
+        train_base.run(params, paths("x", init=tmp_path / "nowhere", phase="extend"))
+    with pytest.raises(ValueError, match=r"phase 'extend' with init None"):
+        train_base.run(params, paths("x", phase="extend"))
+    with pytest.raises(ValueError, match=r"phase 'pretrain' with init .*v1"):
+        train_base.run(params, paths("x", init=tmp_path / "v1"))
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def _params_file():
@@ -235,7 +279,10 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     }
     (tmp_path / "train.json").write_text(json.dumps(train))
     (tmp_path / "tighten.json").write_text(json.dumps({**train, "steps": 2, "train_seconds": 3.0}))
-    evaluation = {"gt_box": {"miou": 1.0, "mbiou": 2.0}, "point_1": {"miou": 3.0, "mbiou": 2.5}}
+    extend = {**train, "steps": 3, "train_seconds": 6.0, "init_sha256": "ab" * 32}
+    (tmp_path / "extend.json").write_text(json.dumps(extend))
+    evaluation = {"gt_box": {"miou": 81.0, "mbiou": 2.0}, "point_1": {"miou": 3.0, "mbiou": 2.5}}
+    evaluation |= {"point_10": {"miou": 79.9, "mbiou": 1.0}, "noisy_box": {"miou": 66.0, "mbiou": 1.0}}
     evaluation["point_1_multimask"] = {"picked": 4.04, "oracle": 5.06}
     (tmp_path / "eval.json").write_text(json.dumps(evaluation))
     (tmp_path / "table.csv").write_text("family,images,gt_box\nall,4,1.0\nblob,4,1.0\ncurve,0,–\n")
@@ -244,11 +291,14 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     plot.write_text("step,total,images_per_s\n1,1.0,4.0\n2,1.0,4.0\n4,1.0,1.0\n")
     tighten_plot = tmp_path / "tighten.csv"
     tighten_plot.write_text("step,total,images_per_s\n2,1.0,2.0\n")
+    extend_plot = tmp_path / "extend.csv"
+    extend_plot.write_text("step,total,images_per_s\n3,1.0,4.0\n")
     params = tmp_path / "params.yaml"  # the committed one, for the tiny SAM
     params.write_text(_params_file().read_text().replace("  type: small ", "  type: tiny ", 1))
     phases = {
         "pretrain": Phase(metrics=tmp_path / "train.json", plot=plot),
         "tighten": Phase(metrics=tmp_path / "tighten.json", plot=tighten_plot),
+        "extend": Phase(metrics=tmp_path / "extend.json", plot=extend_plot),
     }
     target, sha = release(
         model, phases, tmp_path / "eval.json", tmp_path / "table.csv", tmp_path / "out", params
@@ -266,11 +316,15 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     assert sha in card and "| blob | 4 | 1.0 |" in card and "| curve | 0 | – |" in card
     assert "mask token 0 (multimask off, above) 3.0" in card and "(highest predicted IoU) 4.0" in card
     assert "(an oracle) 5.1" in card
+    assert "gt_box 81.0 (>= 80: yes); point_10 79.9 (>= 80: no); gt_box - noisy_box 15.0 (>= 15: yes)" in card
+    assert "gt_box - point_1 78.0 (>= 20: yes)." in card
     batch = load_params(str(params)).base.batch_size
-    pretrain_s, tighten_s = training_seconds(plot, batch), training_seconds(tighten_plot, batch)
-    assert f"({pretrain_s + tighten_s:.0f} s) in all" in card
-    assert f"pretrain: 0.0 h ({pretrain_s:.0f} s) of training" in card and "**tighten** 2 steps" in card
-    with pytest.raises(ValueError, match=r"two, \['pretrain', 'tighten'\]"):
+    seconds = [training_seconds(p, batch) for p in (plot, tighten_plot, extend_plot)]
+    assert f"({sum(seconds):.0f} s) in all" in card and f"9 x batch {batch} images" in card
+    assert f"pretrain: 0.0 h ({seconds[0]:.0f} s) of training" in card and "**tighten** 2 steps" in card
+    assert f"extend: 0.0 h ({seconds[2]:.0f} s) of training" in card
+    assert "**extend** 3 steps from v1 as committed (sha256 `abababababab…`)" in card
+    with pytest.raises(ValueError, match=r"three, \['pretrain', 'tighten', 'extend'\]"):
         release(model, {"pretrain": phases["pretrain"]}, tmp_path / "eval.json", tmp_path / "table.csv",
                 tmp_path / "out", params)  # fmt: skip
 

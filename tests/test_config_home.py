@@ -95,9 +95,9 @@ def test_the_stage_sections_have_no_defaults():
         and value.__module__.startswith(pipeline_params.__name__)  # params, params_eval, _annotator, _base
         and value not in (Variant, Overlay)
     ]
-    # sam fetch embedded data synthesize base tighten train ray eval ablate tracking automatic interactive
-    # + Params
-    assert len(sections) == 15
+    # sam fetch embedded data synthesize base tighten extend train ray eval ablate tracking automatic
+    # interactive + Params
+    assert len(sections) == 16
     for section in sections:
         for f in dataclasses.fields(section):
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (

@@ -298,13 +298,16 @@ def _a_variant_runs_as_a_queued_experiment(repo: Repo) -> list[str]:
 
 
 def test_the_base_pipeline_pretrains_evaluates_and_releases_a_base(repo):
-    """`dvc repro base/dvc.yaml` (data -> pretrain -> tighten -> evaluate) then `make release-base`'s module,
-    at tiny size: the released file is what the default pipeline's base stage accepts."""
+    """`dvc repro base/dvc.yaml` (data -> pretrain -> tighten; a committed v1 -> extend -> evaluate) then
+    `make release-base`'s module, at tiny size: the released file is what the default pipeline's base
+    stage accepts."""
     params_file = repo.root / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
+    v1 = random_tiny_sam_checkpoint(repo.root / "base" / "release" / "v1" / "sam_tiny.pth")
     for key, value in {
         "base.num_images": 8, "base.steps": 4, "base.batch_size": 2, "base.warmup_steps": 1,
         "base.checkpoint_every": 2, "base.log_every": 2, "tighten.steps": 2, "tighten.warmup_steps": 1,
+        "extend.steps": 2, "extend.warmup_steps": 1, "extend.init_sha256": file_sha256(v1),
         "eval.prompts": ["gt_box", "noisy_box", "point_1"],
     }.items():  # fmt: skip
         assert _set(params, key, value), key
@@ -314,6 +317,7 @@ def test_the_base_pipeline_pretrains_evaluates_and_releases_a_base(repo):
         "base/dvc.yaml:data",
         "base/dvc.yaml:pretrain",
         "base/dvc.yaml:tighten",
+        "base/dvc.yaml:extend",
         "base/dvc.yaml:evaluate",
     }
     evaluation = json.loads((repo.root / "metrics/base_eval.json").read_text())
