@@ -37,6 +37,7 @@ from stable_sam.config import (
     POSITIVE,
     PROBABILITY,
     SEED,
+    SHA256,
     Allowed,
     ConfigError,
     OcclusionConfig,
@@ -96,10 +97,7 @@ FETCH_VALIDATIONS = ("full", "header")
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 _NAMES = list_of(NAME, non_empty=True)
-_SHA256 = Allowed(
-    lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None),
-    "null or 64 lowercase hex digits (a sha256)",
-)
+_SHA256 = nullable(SHA256)
 _VARIANT_MAP = Allowed(
     lambda v: (
         isinstance(v, Mapping)

@@ -3,7 +3,6 @@ pipeline, ``base/dvc.yaml`` (declared like the sections of ``pipeline/params.py`
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -14,7 +13,7 @@ from stable_sam.config import (
     POSITIVE,
     PROBABILITY,
     SEED,
-    Allowed,
+    SHA256,
     Rule,
     allows,
     integer,
@@ -23,10 +22,6 @@ from stable_sam.config import (
 )
 
 __all__ = ["BaseTrainConfig", "ExtendConfig", "TightenConfig"]
-
-_SHA256 = Allowed(
-    lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None, "64 lowercase hex digits"
-)
 
 
 @dataclass
@@ -74,4 +69,4 @@ class ExtendConfig(TightenConfig):
     the last one. ``init_sha256`` pins the v1 file it starts from, the way ``sam.sha256`` pins the
     checkpoint the default pipeline uses. Every other choice is the ``base`` section's."""
 
-    init_sha256: str = option(_SHA256)
+    init_sha256: str = option(SHA256)

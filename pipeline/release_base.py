@@ -27,11 +27,12 @@ from stable_sam.build import SMALL_SAM_SPECS, build_sam
 from stable_sam.checkpoint import atomic_torch_save
 
 from .params import load_params
+from .train_base import PHASES as TRAINING_PHASES
 
 __all__ = ["PHASES", "Phase", "main", "release"]
 
 CARD = "MODEL_CARD.md"
-PHASES = ("pretrain", "tighten", "extend")  # the order they train in
+PHASES = tuple(TRAINING_PHASES)  # the order they train in
 KINDS = ("gt_box", "point_10", "noisy_box", "point_1", "point_3", "oracle_point")
 
 
@@ -83,7 +84,7 @@ def _steps(params, phases: dict[str, tuple[dict, float, str]]) -> str:
         f"{base.warmup_steps}, GT boxes jittered (std {base.box_jitter} x side); then **tighten** "
         f"{tight['steps']:,} steps from those weights, lr {tighten.lr}, warm-up {tighten.warmup_steps}, "
         f"box jitter {tighten.box_jitter} (SAM's tight boxes): the base v1 (`v1/`, fp16); then **extend** "
-        f"{ext['steps']:,} steps from v1 as committed (sha256 `{ext.get('init_sha256', '?')[:12]}…`), a "
+        f"{ext['steps']:,} steps from v1 as committed (sha256 `{ext['init_sha256'][:12]}…`), a "
         f"warm restart: lr {extend.lr}, warm-up {extend.warmup_steps}, box jitter {extend.box_jitter}, "
         f"seed {extend.seed}"
     )
@@ -161,14 +162,11 @@ def _like_sam_lines(evaluation: dict) -> list[str]:
     if any(k not in evaluation for k in kinds):
         return []
     gt = evaluation["gt_box"]["miou"]
+    measured = [(k, evaluation[k]["miou"], floor) for k, floor in PRECISE_MIN.items()]
+    measured += [(f"gt_box - {k}", gt - evaluation[k]["miou"], gap) for k, gap in LOOSE_GAP_MIN.items()]
     parts = [
-        f"{k} {evaluation[k]['miou']:.1f} (>= {floor:g}: {'yes' if evaluation[k]['miou'] >= floor else 'no'})"
-        for k, floor in PRECISE_MIN.items()
-    ]
-    parts += [
-        f"gt_box - {k} {gt - evaluation[k]['miou']:.1f} (>= {gap:g}: "
-        f"{'yes' if gt - evaluation[k]['miou'] >= gap else 'no'})"
-        for k, gap in LOOSE_GAP_MIN.items()
+        f"{name} {value:.1f} (>= {rule:g}: {'yes' if value >= rule else 'no'})"
+        for name, value, rule in measured
     ]
     return ["Like SAM (the base's targets, mIoU points): " + "; ".join(parts) + ".", ""]
 

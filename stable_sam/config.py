@@ -202,6 +202,10 @@ NON_NEGATIVE = number(minimum=0.0)
 COUNT = integer(1)  # steps, sizes, workers, intervals: at least one
 SEED = integer(0)  # numpy's SeedSequence takes non-negative integers only
 NAME = Allowed(lambda v: isinstance(v, str) and v != "", "a non-empty string")
+SHA256 = Allowed(
+    lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+    "64 lowercase hex digits (a sha256)",
+)
 POINT_COUNTS = list_of(COUNT, non_empty=True)
 EVAL_PROMPT_KIND = Allowed(
     is_eval_prompt_kind,
