@@ -17,7 +17,7 @@ from pipeline.base import BaseCheckpointError, BasePaths, resolve_base
 from pipeline.base import run as run_base
 from pipeline.base_data import run as run_base_data
 from pipeline.params import load_params
-from pipeline.release_base import Phase, release, training_seconds
+from pipeline.release_base import LINEAGE, Round, read_lineage, release, training_round, training_seconds
 from pipeline.sam_source import read_sam_source
 from pipeline.sources import CATEGORIES, target_families
 from stable_sam.build import build_sam
@@ -266,44 +266,49 @@ def test_a_small_sam_without_a_checkpoint_is_refused(tmp_path):
         resolve_base(params, tmp_path / "raw")
 
 
+def _round(phase: str, steps: int, seconds: float, release: str | None = None, init: str | None = None):
+    return Round(
+        phase=phase, steps=steps, lr=0.001, warmup_steps=1, box_jitter=0.0, seed=0, init_sha256=init,
+        seconds=seconds, last_seconds=seconds, resumed_from_step=0, images_per_s=2.0, commit="c" * 40,
+        release=release,
+    )  # fmt: skip
+
+
+def _write_lineage(release_dir, rounds) -> None:
+    text = json.dumps([dataclasses.asdict(r) for r in rounds])
+    (release_dir / LINEAGE).write_text(text)
+
+
 def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_card(tmp_path):
-    model = tmp_path / "pretrained"
+    """A release is its previous release's lineage + the extend round that trained it: the card
+    describes every round, ``lineage.json`` keeps them for the next release."""
+    model = tmp_path / "extended"
     checkpoint = random_tiny_sam_checkpoint(model / "sam_tiny.pth")
-    train = {
-        "parameters": 1,
-        "images": 8,
-        "steps": 4,
-        "train_seconds": 1.0,
-        "images_per_s": 2.0,
-        "resumed_from_step": 0,
-    }
-    (tmp_path / "train.json").write_text(json.dumps(train))
-    (tmp_path / "tighten.json").write_text(json.dumps({**train, "steps": 2, "train_seconds": 3.0}))
-    extend = {**train, "steps": 3, "train_seconds": 6.0, "init_sha256": "ab" * 32}
-    (tmp_path / "extend.json").write_text(json.dumps(extend))
+    previous = tmp_path / "v1"
+    v1 = random_tiny_sam_checkpoint(previous / "sam_tiny.pth")
+    _write_lineage(previous, [_round("pretrain", 4, 20.0), _round("tighten", 2, 8.0, "v1", "ab" * 32)])
+    params = tmp_path / "params.yaml"  # the committed one, for the tiny SAM
+    params.write_text(_params_file().read_text().replace("  type: small ", "  type: tiny ", 1))
+    loaded = load_params(str(params), ["extend.steps=3"])
+    ran = {"parameters": 7, "images": 8, "steps": 3, "train_seconds": 6.0, "images_per_s": 4.0}
+    ran |= {"resumed_from_step": 0, "init_sha256": file_sha256(v1)}
+    (tmp_path / "extend.json").write_text(json.dumps(ran))
+    # The history of a run resumed once: 2 steps at 4 img/s, 1 at 1 img/s: (2 + 1 x 4) x batch.
+    plot = tmp_path / "extend.csv"
+    plot.write_text("step,total,images_per_s\n1,1.0,4.0\n2,1.0,4.0\n3,1.0,1.0\n")
+    batch = loaded.base.batch_size
+    assert training_seconds(plot, batch_size=batch) == pytest.approx(batch * 1.5)
+    extend = training_round("extend", tmp_path / "extend.json", plot, loaded, release="v2")
+    assert (extend.steps, extend.seed, extend.lr) == (3, loaded.extend.seed, loaded.extend.lr)
+    assert extend.seconds == pytest.approx(batch * 1.5, abs=0.1) and extend.init_sha256 == file_sha256(v1)
     evaluation = {"gt_box": {"miou": 81.0, "mbiou": 2.0}, "point_1": {"miou": 3.0, "mbiou": 2.5}}
     evaluation |= {"point_10": {"miou": 79.9, "mbiou": 1.0}, "noisy_box": {"miou": 66.0, "mbiou": 1.0}}
     evaluation["point_1_multimask"] = {"picked": 4.04, "oracle": 5.06}
     (tmp_path / "eval.json").write_text(json.dumps(evaluation))
     (tmp_path / "table.csv").write_text("family,images,gt_box\nall,4,1.0\nblob,4,1.0\ncurve,0,–\n")
-    # The history of a run resumed once: 2 steps at 4 img/s, 2 at 1 img/s (batch 8): 4 + 16 s.
-    plot = tmp_path / "pretrain.csv"
-    plot.write_text("step,total,images_per_s\n1,1.0,4.0\n2,1.0,4.0\n4,1.0,1.0\n")
-    tighten_plot = tmp_path / "tighten.csv"
-    tighten_plot.write_text("step,total,images_per_s\n2,1.0,2.0\n")
-    extend_plot = tmp_path / "extend.csv"
-    extend_plot.write_text("step,total,images_per_s\n3,1.0,4.0\n")
-    params = tmp_path / "params.yaml"  # the committed one, for the tiny SAM
-    params.write_text(_params_file().read_text().replace("  type: small ", "  type: tiny ", 1))
-    phases = {
-        "pretrain": Phase(metrics=tmp_path / "train.json", plot=plot),
-        "tighten": Phase(metrics=tmp_path / "tighten.json", plot=tighten_plot),
-        "extend": Phase(metrics=tmp_path / "extend.json", plot=extend_plot),
-    }
-    target, sha = release(
-        model, phases, tmp_path / "eval.json", tmp_path / "table.csv", tmp_path / "out", params
-    )
-    assert training_seconds(plot, batch_size=8) == pytest.approx(20.0)
+    args = (tmp_path / "eval.json", tmp_path / "table.csv", tmp_path / "out", params)
+
+    target, sha = release(model, previous, extend, *args, parameters=7)
     half = torch.load(target, weights_only=True)
     full = torch.load(checkpoint, weights_only=True)
     assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
@@ -312,21 +317,45 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
     assert loaded_sha == sha
     key = "mask_decoder.iou_token.weight"
     assert np.allclose(sam.state_dict()[key].numpy(), full[key].numpy(), atol=1e-3)
+    assert [r.phase for r in read_lineage(tmp_path / "out")] == ["pretrain", "tighten", "extend"]
+    assert read_lineage(tmp_path / "out")[-1] == extend
     card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert "`tiny` v2" in card and "kept in `v1/`" in card and "| parameters | 7 |" in card
     assert sha in card and "| blob | 4 | 1.0 |" in card and "| curve | 0 | – |" in card
     assert "mask token 0 (multimask off, above) 3.0" in card and "(highest predicted IoU) 4.0" in card
     assert "(an oracle) 5.1" in card
     assert "gt_box 81.0 (>= 80: yes); point_10 79.9 (>= 80: no); gt_box - noisy_box 15.0 (>= 15: yes)" in card
     assert "gt_box - point_1 78.0 (>= 20: yes)." in card
-    batch = load_params(str(params)).base.batch_size
-    seconds = [training_seconds(p, batch) for p in (plot, tighten_plot, extend_plot)]
-    assert f"({sum(seconds):.0f} s) in all" in card and f"9 x batch {batch} images" in card
-    assert f"pretrain: 0.0 h ({seconds[0]:.0f} s) of training" in card and "**tighten** 2 steps" in card
-    assert f"extend: 0.0 h ({seconds[2]:.0f} s) of training" in card
-    assert "**extend** 3 steps from v1 as committed (sha256 `abababababab…`)" in card
-    with pytest.raises(ValueError, match=r"three, \['pretrain', 'tighten', 'extend'\]"):
-        release(model, {"pretrain": phases["pretrain"]}, tmp_path / "eval.json", tmp_path / "table.csv",
-                tmp_path / "out", params)  # fmt: skip
+    assert f"9 x batch {batch} images" in card and "in 3 rounds" in card
+    assert f"({20 + 8 + extend.seconds:.0f} s) in all" in card and "**tighten** 2 steps from those" in card
+    assert f"extend (v2): 0.0 h ({extend.seconds:.0f} s) of training" in card
+    assert f"**extend** 3 steps from v1 as committed (sha256 `{file_sha256(v1)[:12]}…`)" in card
+
+    # Refused, naming what is wrong, with nothing written: a round that did not start from the
+    # previous release, a name already taken, a lineage out of order, none at all.
+    shutil.rmtree(tmp_path / "out")
+    elsewhere = dataclasses.replace(extend, init_sha256="f" * 64)
+    with pytest.raises(ValueError, match=r"v1/sam_tiny.pth: sha256 [0-9a-f]{64}, but the round .* f{64}"):
+        release(model, previous, elsewhere, *args, parameters=7)
+    with pytest.raises(ValueError, match=r"release name 'v1': must be new"):
+        release(model, previous, dataclasses.replace(extend, release="v1"), *args, parameters=7)
+    _write_lineage(previous, [_round("tighten", 2, 8.0, "v1", "ab" * 32)])
+    with pytest.raises(ValueError, match=r"v1/lineage.json: rounds 'tighten': a base trains pretrain, tig"):
+        release(model, previous, extend, *args, parameters=7)
+    (previous / LINEAGE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"v1/lineage.json: no lineage"):
+        release(model, previous, extend, *args, parameters=7)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"extend.json: 3 steps, but extend.steps is 9 in the params"):
+        training_round("extend", tmp_path / "extend.json", plot, load_params(str(params), ["extend.steps=9"]))
+
+
+def test_the_committed_releases_keep_their_lineage():
+    """Each committed release's lineage is in order, names it last, and starts from the one before."""
+    root = _params_file().parent / "base" / "release"
+    v1, v2 = read_lineage(root / "v1"), read_lineage(root / "v2")
+    assert [r.release for r in v1] == [None, "v1"] and v2[:2] == v1 and v2[-1].release == "v2"
+    assert v2[-1].init_sha256 == file_sha256(root / "v1" / "sam_small.pth")
 
 
 def test_a_family_without_a_target_in_the_split_is_listed_with_zero_images(tmp_path):
