@@ -65,7 +65,7 @@ class TightenConfig:
 @dataclass
 class ExtendConfig(TightenConfig):
     """A round of training on (base/dvc.yaml: extend): the last released base (as committed in fp16;
-    v1 made v2, v2 makes v3) trained on for longer with tight boxes, as a new release is trained on
+    v1 made v2) trained on for longer with tight boxes, as a new release is trained on
     from the last one. ``init_sha256`` pins the file it starts from, the way ``sam.sha256`` pins the
     checkpoint the default pipeline uses. Every other choice is the ``base`` section's."""
 

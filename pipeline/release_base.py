@@ -9,9 +9,9 @@ A release is trained on from the one before it (stage ``extend`` starts from ``-
 committed), so its history is that release's history plus one round: every release keeps it in
 ``lineage.json`` (one entry per training round: phase, steps, rate, seed, wall time, commit, the
 release it made), and the card describes the whole of it. v1 was pretrain + tighten; v2 one round
-of extend from v1; each later release one more round of extend from the last.
+of extend from v1; a later release would be one more round of extend from the last.
 
-    python -m pipeline.release_base --previous base/release/v2 --model models/extended \\
+    python -m pipeline.release_base --previous base/release/v1 --model models/extended \\
         --eval-metrics metrics/base_eval.json --table reports/base_eval.csv --out base/release
 """
 
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument(
-        "--previous", type=Path, default=Path("base/release/v2"), help="the release extend started from"
+        "--previous", type=Path, default=Path("base/release/v1"), help="the release extend started from"
     )
     parser.add_argument("--name", default=None, help="this release's name (default: the previous one's + 1)")
     parser.add_argument("--model", type=Path, default=Path("models/extended"))

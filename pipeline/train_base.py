@@ -14,14 +14,14 @@ starts from the pretrained weights and trains on with SAM's tight boxes (``tight
 rate, box jitter, seed; every other choice is the ``base`` section's), so that the decoder follows
 the box. Those two phases made the released base v1 (``base/release/v1/``). With ``--phase extend``
 it is stage ``extend``, a round of training on: the last release as committed (fp16, its sha256
-pinned as ``extend.init_sha256``; v1 made v2, v2 makes v3) trained on for longer at a restarted
+pinned as ``extend.init_sha256``; v1 made v2) trained on for longer at a restarted
 rate (``extend`` params); its result is the next release.
 
     python -m pipeline.train_base --data data/base/pretrain --out models/pretrained \\
         --metrics metrics/pretrain.json --plot plots/pretrain.csv
     python -m pipeline.train_base --phase tighten --init models/pretrained --data data/base/pretrain \\
         --out models/tightened --metrics metrics/tighten.json --plot plots/tighten.csv
-    python -m pipeline.train_base --phase extend --init base/release/v2 --data data/base/pretrain \\
+    python -m pipeline.train_base --phase extend --init base/release/v1 --data data/base/pretrain \\
         --out models/extended --metrics metrics/extend.json --plot plots/extend.csv
 """
 

@@ -352,8 +352,8 @@ def test_release_writes_an_fp16_checkpoint_the_strict_loader_takes_and_a_model_c
 
 def test_the_committed_releases_keep_their_lineage():
     """Each committed release's lineage is in order, names it last, and starts from the one before."""
-    root = _params_file().parent / "base" / "release"
-    v1, v2 = read_lineage(root / "v1"), read_lineage(root / "v2")
+    root = _params_file().parent / "base" / "release"  # the current release (v2), v1 in v1/
+    v1, v2 = read_lineage(root / "v1"), read_lineage(root)
     assert [r.release for r in v1] == [None, "v1"] and v2[:2] == v1 and v2[-1].release == "v2"
     assert v2[-1].init_sha256 == file_sha256(root / "v1" / "sam_small.pth")
 

@@ -298,18 +298,18 @@ def _a_variant_runs_as_a_queued_experiment(repo: Repo) -> list[str]:
 
 
 def test_the_base_pipeline_pretrains_evaluates_and_releases_a_base(repo):
-    """`dvc repro base/dvc.yaml` (data -> pretrain -> tighten; a committed v2 -> extend -> evaluate) then
-    `make release-base`'s module, at tiny size: the released file (v3, its lineage v2's + one round)
+    """`dvc repro base/dvc.yaml` (data -> pretrain -> tighten; a committed v1 -> extend -> evaluate) then
+    `make release-base`'s module, at tiny size: the released file (v2, its lineage v1's + one round)
     is what the default pipeline's base stage accepts."""
     params_file = repo.root / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
-    v2 = random_tiny_sam_checkpoint(repo.root / "base" / "release" / "v2" / "sam_tiny.pth")
-    lineage = repo.root / "base" / "release" / "v2" / "lineage.json"
-    assert lineage.is_file()  # the committed v2's history, kept as it is
+    v1 = random_tiny_sam_checkpoint(repo.root / "base" / "release" / "v1" / "sam_tiny.pth")
+    lineage = repo.root / "base" / "release" / "v1" / "lineage.json"
+    assert lineage.is_file()  # the committed v1's history, kept as it is
     for key, value in {
         "base.num_images": 8, "base.steps": 4, "base.batch_size": 2, "base.warmup_steps": 1,
         "base.checkpoint_every": 2, "base.log_every": 2, "tighten.steps": 2, "tighten.warmup_steps": 1,
-        "extend.steps": 2, "extend.warmup_steps": 1, "extend.init_sha256": file_sha256(v2),
+        "extend.steps": 2, "extend.warmup_steps": 1, "extend.init_sha256": file_sha256(v1),
         "eval.prompts": ["gt_box", "noisy_box", "point_1"],
     }.items():  # fmt: skip
         assert _set(params, key, value), key
@@ -329,13 +329,13 @@ def test_the_base_pipeline_pretrains_evaluates_and_releases_a_base(repo):
     assert RAN.findall(repo.dvc("repro", "base/dvc.yaml", label="dvc repro base (second)")) == []
 
     out = repo.run(str(BIN / "python"), "-m", "pipeline.release_base", "--out", "release", label="release")
-    assert "released v3: release/sam_tiny.pth" in out
+    assert "released v2: release/sam_tiny.pth" in out
     sha = re.search(r"sha256: ([0-9a-f]{64})", out).group(1)
     assert file_sha256(repo.root / "release" / "sam_tiny.pth") == sha
     card = (repo.root / "release" / "MODEL_CARD.md").read_text()
-    assert sha in card and "**extend** 2 steps from v2 as committed" in card
+    assert sha in card and "**extend** 2 steps from v1 as committed" in card
     rounds = json.loads((repo.root / "release" / "lineage.json").read_text())
-    assert rounds[:-1] == json.loads(lineage.read_text()) and rounds[-1]["release"] == "v3"
+    assert rounds[:-1] == json.loads(lineage.read_text()) and rounds[-1]["release"] == "v2"
     repo.run(
         str(BIN / "python"), "-m", "pipeline.base", "--raw", "data/raw", "--out", "models/released",
         "--set", "sam.checkpoint=release/sam_tiny.pth", "--set", f"sam.sha256={sha}",
