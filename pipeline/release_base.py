@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from stable_sam.atomic_write import write_bytes_atomic
 from stable_sam.build import SMALL_SAM_SPECS, build_sam
 from stable_sam.checkpoint import atomic_torch_save, file_sha256
 
@@ -286,17 +287,13 @@ def release(
     target = out / f"sam_{sam_type}.pth"
     atomic_torch_save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, target)
     _, sha = build_sam(sam_type, target)  # the strict loader accepts it (and hashes the file)
-    _atomic_write(out / LINEAGE, json.dumps([dataclasses.asdict(r) for r in rounds], indent=2) + "\n")
+    write_bytes_atomic(
+        out / LINEAGE, (json.dumps([dataclasses.asdict(r) for r in rounds], indent=2) + "\n").encode()
+    )
     evaluation = json.loads(eval_metrics.read_text())
     card = _card(sam_type, target, sha, rounds, evaluation, table, params, parameters)
-    _atomic_write(out / CARD, card)
+    write_bytes_atomic(out / CARD, card.encode())
     return target, sha
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _next_name(previous: Path) -> str:
