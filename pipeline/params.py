@@ -29,7 +29,6 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from stable_sam.build import SAM_TYPES
 from stable_sam.config import (
     COUNT,
-    ENCODER_PRECISIONS,
     EVAL_PROMPT_KIND,
     NAME,
     NON_NEGATIVE,
@@ -56,6 +55,7 @@ from stable_sam.config import (
     ordered,
 )
 from stable_sam.data import DATASETS
+from stable_sam.precision import ENCODER_PRECISION_CHOICES
 
 from .params_annotator import AutomaticConfig, InteractiveConfig
 from .params_base import BaseTrainConfig, ExtendConfig, TightenConfig
@@ -120,8 +120,9 @@ class SamConfig:
     checkpoint: str | None  # None: the official checkpoint the fetch stage verified (vit_*)
     sha256: str | None = option(_SHA256)  # pinned by the base stage; None: not pinned
     # How the frozen image encoder runs (train, embed, evaluate, sweeps, annotators): fp32 is
-    # segment-anything's code; bf16 / fp16 the fast path (StableSam.set_encoder_precision).
-    encoder_precision: str = option(one_of(ENCODER_PRECISIONS))
+    # segment-anything's code; bf16 / fp16 the fast path (StableSam.set_encoder_precision); auto:
+    # bf16 where the device has native bf16 (AMX / AVX512-BF16 CPUs, Ampere+ GPUs), else fp32.
+    encoder_precision: str = option(one_of(ENCODER_PRECISION_CHOICES))
 
 
 @dataclass
@@ -282,9 +283,9 @@ class Params:
         ),
         Rule(
             ("sam.encoder_precision", "tuning.encoder"),
-            lambda precision, encoder: precision == "fp32" or encoder == "frozen",
-            "sam.encoder_precision fp32 when tuning.encoder is not frozen (the fast path is for a "
-            "frozen encoder; LoRA/adapters train through it)",
+            lambda precision, encoder: precision in ("fp32", "auto") or encoder == "frozen",
+            "sam.encoder_precision fp32 (or auto, which gives fp32 here) when tuning.encoder is not "
+            "frozen (the fast path is for a frozen encoder; LoRA/adapters train through it)",
         ),
     )
 

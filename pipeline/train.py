@@ -83,17 +83,21 @@ class TrainPaths:
     plot: Path  # plots/train.csv
 
 
-def worker_model(params: Params, weights: SamWeights | str | Path, sam_type: str) -> StableSam:
-    """The model a worker trains: the base SAM (``weights``: read once by the driver, or a file),
-    frozen, with the plug-ins (and tuning) of ``params``.
+def worker_model(
+    params: Params, weights: SamWeights | str | Path, sam_type: str, device: torch.device | str = "cpu"
+) -> StableSam:
+    """The model a worker trains, on ``device``: the base SAM (``weights``: read once by the driver,
+    or a file), frozen, with the plug-ins (and tuning) of ``params``.
 
-    The frozen encoder runs as ``sam.encoder_precision`` says (its fast path, or fp32).
+    The frozen encoder runs as ``sam.encoder_precision`` says (its fast path, or fp32; "auto" is
+    decided for ``device``, the worker's own, so a GPU worker is not judged by the driver's CPU).
     """
     return build_stable_sam(
         sam_type=sam_type,
         sam_checkpoint=weights,
         plugin_config=params.plugin,
         tuning=params.tuning,
+        device=device,
         encoder_precision=params.sam.encoder_precision,
     )
 
@@ -120,7 +124,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Module initialisers (the DRP's first layer) draw from the global RNG: seed it.
     torch.manual_seed(cfg.seed)
-    model = worker_model(params, weights, source.sam_type)
+    device = ray.train.torch.get_device()
+    model = worker_model(params, weights, source.sam_type, device)
     model.train()
     # Only the trainable tensors take part in DDP: the frozen SAM is neither broadcast nor reduced.
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [
@@ -128,7 +133,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    device = ray.train.torch.get_device()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 

@@ -28,6 +28,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from .checkpoint import SamCheckpointError, file_sha256, load_plugin_checkpoint, read_plugin_checkpoint
 from .config import PluginConfig, TuningConfig
 from .modeling.stable_sam import StableSam
+from .precision import resolve_encoder_precision, warn_if_emulated
 
 __all__ = [
     "OFFICIAL_SAM_TYPES",
@@ -275,7 +276,9 @@ def build_stable_sam(
         strictly; its SAM type and SAM checkpoint hash must match.
       device: where to put the model.
       encoder_precision: "fp32" (segment-anything's encoder as it is) or the frozen encoder's fast
-        path, "bf16" / "fp16" (:meth:`StableSam.set_encoder_precision`).
+        path, "bf16" / "fp16" (:meth:`StableSam.set_encoder_precision`), or "auto": bf16 where
+        ``device`` has native bf16, else fp32 (:func:`stable_sam.precision.resolve_encoder_precision`).
+        An explicit bf16 / fp16 that ``device`` would emulate (far slower than fp32) logs a warning.
     """
 
     stored = None if plugin_checkpoint is None else read_plugin_checkpoint(plugin_checkpoint)
@@ -289,7 +292,6 @@ def build_stable_sam(
         plugin_config=plugin_config or PluginConfig(),
         tuning=tuning or TuningConfig(),
         sam_checkpoint_sha256=sha,
-        encoder_precision=encoder_precision,
     )
     if stored is not None:
         load_plugin_checkpoint(model, stored)
@@ -301,4 +303,11 @@ def build_stable_sam(
     )
     if device is not None:
         model.to(device)
+    # The precision is chosen where the model runs ("auto"), and an emulated one is said out loud.
+    precision = resolve_encoder_precision(
+        encoder_precision, model.device, encoder_frozen=model.encoder_is_frozen
+    )
+    if precision != "fp32":
+        warn_if_emulated(precision, model.device)
+    model.set_encoder_precision(precision)
     return model

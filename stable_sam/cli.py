@@ -29,10 +29,11 @@ from PIL import Image, ImageDraw
 
 from .build import SAM_TYPES, build_stable_sam
 from .checkpoint import SamCheckpointError, read_plugin_checkpoint
-from .config import ENCODER_PRECISIONS, config_to_dict
+from .config import config_to_dict
 from .embedding_cache import EmbeddingCache
 from .evaluation.automatic import mask_generator, write_amg
 from .modeling import StableSam
+from .precision import ENCODER_PRECISION_CHOICES
 from .predictor import StableSamPredictor, clip_box
 
 __all__ = ["main", "overlay_image"]
@@ -303,9 +304,10 @@ def _add_encoder_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encoder-precision",
         default="fp32",
-        choices=ENCODER_PRECISIONS,
+        choices=ENCODER_PRECISION_CHOICES,
         help="fp32: SAM's encoder as it is; bf16 / fp16: its fast path (SDPA attention + autocast; "
-        "embeddings within about 1%% of fp32)",
+        "embeddings within about 1%% of fp32), only fast where the device has that dtype natively "
+        "(else emulated and slower than fp32: a warning says so); auto: bf16 where native, else fp32",
     )
 
 

@@ -74,7 +74,7 @@ BAD_OVERRIDES = {
     "tuning.encoder=lorra": "tuning.encoder = 'lorra': must be one of 'frozen', 'lora', 'adapter'",
     "tuning.lora_rank=0": "tuning.lora_rank = 0: must be an integer >= 1",
     "sam.type=vit_x": "sam.type = 'vit_x': must be one of 'vit_b', 'vit_l', 'vit_h', 'tiny', 'small'",
-    "sam.encoder_precision=fp8": "sam.encoder_precision = 'fp8': must be one of 'fp32', 'bf16', 'fp16'",
+    "sam.encoder_precision=fp8": "sam.encoder_precision = 'fp8': must be one of 'fp32', 'bf16', 'fp16', 'auto'",
     "fetch.source=remot": "fetch.source = 'remot': must be one of 'embedded', 'remote', 'local'",
     "fetch.validate=ful": "fetch.validate = 'ful': must be one of 'full', 'header'",
     "fetch.retries=-1": "fetch.retries = -1: must be an integer >= 0",
@@ -185,6 +185,7 @@ def test_a_bad_value_in_the_file_names_the_file(tmp_path):
         "sam.encoder_precision=fp16",
         # the lora and adapter variants pin fp32: turning the fast path on keeps every variant valid
         "sam.encoder_precision=bf16",
+        "sam.encoder_precision=auto",
     ],
 )
 def test_allowed_values_load(override):
@@ -196,8 +197,8 @@ def test_the_encoder_fast_path_is_refused_with_a_tuned_encoder():
         load_params(PARAMS, ["sam.encoder_precision=bf16", "tuning.encoder=lora"])
     assert str(caught.value) == (
         "--set tuning.encoder=lora: sam.encoder_precision = 'bf16', tuning.encoder = 'lora': need "
-        "sam.encoder_precision fp32 when tuning.encoder is not frozen (the fast path is for a frozen "
-        "encoder; LoRA/adapters train through it)"
+        "sam.encoder_precision fp32 (or auto, which gives fp32 here) when tuning.encoder is not frozen "
+        "(the fast path is for a frozen encoder; LoRA/adapters train through it)"
     )
 
 
