@@ -20,6 +20,13 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.2
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
+# glibc's allocator: keep big tensors' memory in the heap instead of mmap/munmap per tensor. On
+# the CPU, segment-anything's fp32 encoder otherwise spends more time in the kernel's page faults
+# than in its matrix products (vit_b, 1024 px, 1 thread: 38 s -> 17.5 s a forward, the same numbers;
+# benchmarks/cpu_allocator.py). Inherited by dvc's stages, pytest and the Ray workers they start.
+export MALLOC_MMAP_MAX_ ?= 0
+export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
+
 .PHONY: setup repro variants base release-base test test-fast lint format bench clean-env
 
 $(BIN)/.installed: pyproject.toml
@@ -75,6 +82,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.decoder_overhead
 	$(BIN)/python -m benchmarks.sweep_cache
 	$(BIN)/python -m benchmarks.onnx_decoder
+	$(BIN)/python -m benchmarks.cpu_allocator
 
 clean-env:
 	rm -rf $(VENV)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import decoder_overhead, encoder_fast_path, onnx_decoder, sweep_cache
+from benchmarks import cpu_allocator, decoder_overhead, encoder_fast_path, onnx_decoder, sweep_cache
 
 
 @pytest.fixture
@@ -55,3 +55,11 @@ def test_encoder_fast_path_prints_the_ratio_the_error_and_the_mask_iou(no_pipeli
     assert 0.5 < results["iou_mean"] <= 1 and 0.5 < results["small_iou_mean"] <= 1  # guards, not figures
     assert "ratio fast/fp32" in out and "mask IoU fast vs fp32 over 10 prompts" in out
     assert "small trained" in out and "white noise" in out
+
+
+def test_cpu_allocator_prints_both_allocators_and_their_ratio(no_pipeline_artefacts, capsys):
+    results = cpu_allocator.main(["--shape", "tiny", "--image-size", "64", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert results["ratio"] > 0 and results["default_s"] > 0 and results["tuned_s"] > 0
+    assert "identical embeddings: True" in out and "ratio default/tuned" in out
+    assert "default:" in out and "tuned:" in out and "minor faults" in out
