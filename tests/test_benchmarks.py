@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cpu_allocator, decoder_overhead, encoder_fast_path, onnx_decoder, sweep_cache
+from benchmarks import (
+    cpu_allocator,
+    decoder_overhead,
+    encoder_fast_path,
+    onnx_decoder,
+    sweep_cache,
+    train_step,
+)
 
 
 @pytest.fixture
@@ -63,3 +70,17 @@ def test_cpu_allocator_prints_both_allocators_and_their_ratio(no_pipeline_artefa
     assert results["ratio"] > 0 and results["default_s"] > 0 and results["tuned_s"] > 0
     assert "identical embeddings: True" in out and "ratio default/tuned" in out
     assert "default:" in out and "tuned:" in out and "minor faults" in out
+
+
+def test_train_step_times_both_steps_and_keeps_the_frozen_sam_frozen(no_pipeline_artefacts, capsys):
+    results = train_step.main(["--batch-sizes", "2", "--steps", "2", "--images", "8"])
+    out = capsys.readouterr().out
+    assert [(r["kind"], r["batch"]) for r in results] == [("base", 2), ("plugin", 2)]
+    assert all(r["images_per_s"] > 0 and r["ms_per_step"] > 0 for r in results)
+    assert "base step, batch   2" in out and "plugin step, batch   2" in out
+
+
+def test_train_step_prices_a_bigger_encoder(no_pipeline_artefacts, capsys):
+    train_step.main(["--batch-sizes", "2", "--steps", "1", "--images", "8", "--kinds", "base",
+                     "--encoder-dim", "96", "--encoder-depth", "3"])  # fmt: skip
+    assert "96-d x 3-block encoder (618,888 parameters)" in capsys.readouterr().out
