@@ -59,7 +59,7 @@ from .run_state import TRAINING_CODE, resume_or_start, run_fingerprint, state_di
 from .sam_source import write_json_atomic
 from .stage_cli import stage_argument_parser
 
-__all__ = ["PHASES", "TrainBasePaths", "main", "phase_config", "run"]
+__all__ = ["PHASES", "TrainBasePaths", "main", "phase_config", "run", "training_device"]
 
 logger = logging.getLogger("pipeline.train_base")
 
@@ -84,15 +84,32 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, 
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[max(1, warmup)])
 
 
-def run(params: Params, paths: TrainBasePaths, *, tracker: Any = None) -> dict[str, Any]:
-    """Pretrain the small base SAM named by ``sam.type``; write ``<out>/sam_<type>.pth`` and metrics."""
+def run(params: Params, paths: TrainBasePaths, *, tracker: Any = None, device: str = "cpu") -> dict[str, Any]:
+    """Pretrain the small base SAM named by ``sam.type``; write ``<out>/sam_<type>.pth`` and metrics.
+
+    ``device``: where the model trains ("cpu", "cuda", "cuda:1", or "auto": the GPU if torch sees
+    one). Not part of the resume fingerprint: a run started on one device resumes on another.
+    """
     if params.sam.type not in SMALL_SAM_SPECS:
         raise ValueError(
             f"sam.type={params.sam.type!r}: only the small configurations {sorted(SMALL_SAM_SPECS)} are "
             "pretrained here; official SAMs come from Meta's checkpoints"
         )
     _check_phase(paths)
-    return _train(params, paths, tracker=tracker)
+    return _train(params, paths, tracker=tracker, device=training_device(device))
+
+
+def training_device(choice: str) -> torch.device:
+    """``--device``: "auto" is the GPU if torch sees one, else the CPU; a missing GPU is an error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except RuntimeError as err:
+        raise ValueError(f"--device {choice!r}: not a torch device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {choice!r}: torch sees no CUDA device here (use cpu or auto)")
+    return device
 
 
 def phase_config(params: Params, phase: str) -> BaseTrainConfig:
@@ -166,7 +183,7 @@ def _dataset(cfg: BaseTrainConfig, sam_type: str, data: Path) -> AugmentedPrompt
     )
 
 
-def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, Any]:
+def _train(params: Params, paths: TrainBasePaths, *, tracker: Any, device: torch.device) -> dict[str, Any]:
     cfg = phase_config(params, paths.phase)
     init, init_sha256 = _init_checkpoint(params, paths)
     torch.set_num_threads(cfg.threads)
@@ -189,7 +206,9 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
         # Module initialisers draw from the global RNG: seed it from params for reproducibility.
         torch.manual_seed(cfg.seed)
         sam, _ = build_sam(params.sam.type, init)  # init None: random weights (pretraining)
+        # Built on the CPU, then moved: the same initial weights on every device.
         model = StableSam(sam=sam, sam_type=params.sam.type, plugin_config=PluginConfig(variant="none"))
+        model.to(device)
         # The base model IS SAM being trained: every SAM weight is trainable here.
         model.sam.requires_grad_(True)
         model.train()
@@ -209,6 +228,7 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
     if state is not None:
         start_step, history = int(state["step"]), list(state["history"])
         logger.info("resuming %s from step %d (%s)", phase, start_step, resume_file)
+    logger.info("training %s on %s", phase, device)
 
     sampler = ShardedBatchSampler(
         dataset_size=len(dataset),
@@ -223,7 +243,10 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
 
     def step_fn(batch: TrainingBatch, step: int) -> dict[str, torch.Tensor]:
         return sam_training_step(
-            model, batch, correction_clicks=cfg.correction_clicks, iou_loss_weight=cfg.iou_loss_weight
+            model,
+            batch.to(device),
+            correction_clicks=cfg.correction_clicks,
+            iou_loss_weight=cfg.iou_loss_weight,
         )
 
     def save(step: int, history: list[dict[str, Any]]) -> None:
@@ -252,7 +275,7 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any) -> dict[str, 
     images_seen = (cfg.steps - start_step) * cfg.batch_size
 
     checkpoint = paths.out / f"sam_{params.sam.type}.pth"
-    atomic_torch_save(model.sam.state_dict(), checkpoint)
+    atomic_torch_save({k: v.cpu() for k, v in model.sam.state_dict().items()}, checkpoint)
     # Round trip through the same strict loader as an official checkpoint.
     build_sam(params.sam.type, checkpoint)
     elapsed = time.perf_counter() - started
@@ -302,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--init", type=Path, default=None, help="tighten, extend: the folder of the checkpoint to start from"
     )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: the GPU if torch sees one, else the CPU), cpu, cuda, cuda:N",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)
@@ -311,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from .tracking import stage_run
 
     with stage_run(PHASES[paths.phase].run_name, params, params_path=Path(args.params)) as tracker:
-        metrics = run(params, paths, tracker=tracker)
+        metrics = run(params, paths, tracker=tracker, device=args.device)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.log_artifact(paths.metrics, artifact_path="metrics")
     return metrics

@@ -139,6 +139,17 @@ def test_pretraining_resumes_to_the_same_weights(base_data, tmp_path, monkeypatc
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
+def test_the_training_device_is_the_gpu_when_there_is_one_and_a_missing_one_is_named():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert train_base.training_device("auto").type == expected
+    assert train_base.training_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device 'gpu0': not a torch device"):
+        train_base.training_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device 'cuda:1': torch sees no CUDA device"):
+            train_base.training_device("cuda:1")
+
+
 def test_tighten_starts_from_the_pretrained_weights_with_its_own_keys(base_data, tmp_path, monkeypatch):
     """Stage tighten: the pretrained checkpoint is its step 0, and it trains with ``tighten``'s
     steps, rate and box jitter (every other choice the base's), in a resume state of its own."""
