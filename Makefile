@@ -83,6 +83,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.sweep_cache
 	$(BIN)/python -m benchmarks.onnx_decoder
 	$(BIN)/python -m benchmarks.cpu_allocator
+	$(BIN)/python -m benchmarks.train_step
 
 clean-env:
 	rm -rf $(VENV)
