@@ -22,7 +22,7 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
 # glibc's allocator: keep big tensors' memory in the heap instead of mmap/munmap per tensor. On
 # the CPU, segment-anything's fp32 encoder otherwise spends more time in the kernel's page faults
-# than in its matrix products (vit_b, 1024 px, 1 thread: 38 s -> 17.5 s a forward, the same numbers;
+# than in its matrix products (vit_b, 1024 px, 1 thread: 29.0 s -> 15.2 s a forward, bit-identical;
 # benchmarks/cpu_allocator.py). Inherited by dvc's stages, pytest and the Ray workers they start.
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
