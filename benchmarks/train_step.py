@@ -19,8 +19,9 @@ same dataset, sampler and collate as ``pipeline.train_base`` and ``pipeline.trai
 For each batch size: 2 warm-up steps, then ``--steps`` timed steps (data loading included, CUDA
 synchronised after each step); prints images/s, ms per step and, on CUDA, the peak memory. Random
 weights: throughput does not depend on them. ``--encoder-dim`` / ``--encoder-depth`` price a bigger
-base (a wider or deeper encoder, the same decoder) before anyone pretrains one. Also checks that every loss is finite and that the
-plug-in step leaves every SAM weight untouched.
+base (a wider or deeper encoder, the same decoder) before anyone pretrains one. Also checks that
+every loss is finite and that the plug-in step leaves every SAM weight untouched. Prompts,
+augmentation and plug-ins are params.yaml's (``base``, ``train``, ``data``, ``plugin``).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.params import Params, load_params
+from pipeline.train_base import pretraining_dataset
 from stable_sam.build import SMALL_SAM_SPECS, SmallSamSpec, build_stable_sam
-from stable_sam.config import PluginConfig, PromptMixConfig
+from stable_sam.config import PluginConfig
 from stable_sam.data import open_dataset
 from stable_sam.modeling import StableSam
 from stable_sam.training import (
@@ -43,7 +46,6 @@ from stable_sam.training import (
     ShardedBatchSampler,
     TrainingBatch,
     collate_training,
-    precise_prompt_sampler,
     robust_prompt_sampler,
     sam_training_step,
     supervised_step,
@@ -100,17 +102,17 @@ def _base_step(device: torch.device, seed: int, spec: SmallSamSpec):
     return model, step
 
 
-def _plugin_step(device: torch.device, seed: int, spec: SmallSamSpec):
-    from pipeline.params import load_params
-
+def _plugin_step(device: torch.device, seed: int, params: Params):
     torch.manual_seed(seed)
-    model = build_stable_sam(sam_type=SAM_TYPE, plugin_config=load_params().plugin, device=device)
+    model = build_stable_sam(sam_type=SAM_TYPE, plugin_config=params.plugin, device=device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
 
     def step(batch: TrainingBatch, index: int) -> torch.Tensor:
-        out = supervised_step(model, model, batch, seed=seed, step=index, num_points=2048)
+        out = supervised_step(
+            model, model, batch, seed=seed, step=index, num_points=params.train.num_points_loss
+        )
         optimizer.zero_grad(set_to_none=True)
         out.losses["total"].backward()
         optimizer.step()
@@ -139,20 +141,20 @@ def _base_spec(dim: int | None, depth: int | None) -> SmallSamSpec:
     return spec
 
 
-def _dataset(data: Path, kind: str, mask_input_size: tuple[int, int]) -> AugmentedPromptDataset:
+def _dataset(
+    data: Path, kind: str, params: Params, mask_input_size: tuple[int, int]
+) -> AugmentedPromptDataset:
+    """The stage's own training data: the base's (``pipeline.train_base``) or the plug-in's (``train``)."""
     if kind == "base":
-        sampler = precise_prompt_sampler(point_counts=[1, 2, 3, 5, 10], box_probability=0.5, box_jitter=0.05)
-        extra = {"targets": "instances", "lsj_scale": (0.5, 1.5)}
-    else:
-        sampler = robust_prompt_sampler(PromptMixConfig(), mask_input_size=mask_input_size)
-        extra = {"lsj_scale": (0.1, 2.0)}
+        return pretraining_dataset(params.base, SAM_TYPE, data)
     return AugmentedPromptDataset(
         open_dataset(str(data), split="train"),
         image_size=SMALL_SAM_SPECS[SAM_TYPE].img_size,
-        prompt_sampler=sampler,
-        seed=0,
-        lsj=True,
-        **extra,
+        prompt_sampler=robust_prompt_sampler(params.train.prompts, mask_input_size=mask_input_size),
+        seed=params.train.seed,
+        lsj=params.train.lsj,
+        lsj_scale=(params.data.lsj_min_scale, params.data.lsj_max_scale),
+        hflip_probability=params.data.hflip_probability,
     )
 
 
@@ -167,7 +169,11 @@ def measure(
     spec: SmallSamSpec = SMALL_SAM_SPECS[SAM_TYPE],
 ) -> dict:
     """Throughput of one step kind ("base" or "plugin") at one batch size (``spec``: the base's SAM)."""
-    model, step = (_base_step if kind == "base" else _plugin_step)(device, seed=0, spec=spec)
+    params = load_params()  # params.yaml: the plug-ins, prompt mixtures and augmentation the stages use
+    if kind == "base":
+        model, step = _base_step(device, seed=0, spec=spec)
+    else:
+        model, step = _plugin_step(device, seed=0, params=params)
     frozen = None  # the plug-in step: SAM's own (frozen) weights, which must not move
     if kind == "plugin":
         frozen = {k: p.detach().clone() for k, p in model.sam.named_parameters() if not p.requires_grad}
@@ -175,7 +181,10 @@ def measure(
         torch.cuda.reset_peak_memory_stats(device)
     warmup = 2
     loader = _loader(
-        _dataset(data, kind, model.mask_input_size), batch=batch, steps=warmup + steps, workers=workers
+        _dataset(data, kind, params, model.mask_input_size),
+        batch=batch,
+        steps=warmup + steps,
+        workers=workers,
     )
     seconds, losses = _timed(loader, step, device, warmup)
     if not all(torch.isfinite(torch.tensor(losses))):

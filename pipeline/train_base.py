@@ -59,7 +59,15 @@ from .run_state import TRAINING_CODE, resume_or_start, run_fingerprint, state_di
 from .sam_source import write_json_atomic
 from .stage_cli import stage_argument_parser
 
-__all__ = ["PHASES", "TrainBasePaths", "main", "phase_config", "run", "training_device"]
+__all__ = [
+    "PHASES",
+    "TrainBasePaths",
+    "main",
+    "phase_config",
+    "pretraining_dataset",
+    "run",
+    "training_device",
+]
 
 logger = logging.getLogger("pipeline.train_base")
 
@@ -168,7 +176,8 @@ def _init_checkpoint(params: Params, paths: TrainBasePaths) -> tuple[Path | None
     return init, sha
 
 
-def _dataset(cfg: BaseTrainConfig, sam_type: str, data: Path) -> AugmentedPromptDataset:
+def pretraining_dataset(cfg: BaseTrainConfig, sam_type: str, data: Path) -> AugmentedPromptDataset:
+    """The base's training data: SAM's precise prompts over every instance, LSJ and flips (``cfg``)."""
     return AugmentedPromptDataset(
         open_dataset(str(data), split="train"),
         image_size=SMALL_SAM_SPECS[sam_type].img_size,
@@ -188,7 +197,7 @@ def _train(params: Params, paths: TrainBasePaths, *, tracker: Any, device: torch
     init, init_sha256 = _init_checkpoint(params, paths)
     torch.set_num_threads(cfg.threads)
     paths.out.mkdir(parents=True, exist_ok=True)
-    dataset = _dataset(cfg, params.sam.type, paths.data)
+    dataset = pretraining_dataset(cfg, params.sam.type, paths.data)
     manifest = paths.data / "instances.json"
     phase = PHASES[paths.phase].key
     fingerprint = run_fingerprint(
